@@ -1,0 +1,3 @@
+from caat_peft.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,390 @@
+"""Typed run configuration: dataclasses, YAML loading, ``--set a.b=c`` overrides, validation.
+
+A config is a tree of small dataclasses, one per section of the YAML file. Loading is strict:
+unknown keys, wrong types and out-of-range values raise :class:`ConfigError` with one line that
+names the key and what is allowed, so that the CLI can exit with code 2 before anything is written.
+Fractions such as ``8/255`` are accepted wherever a float is expected (ε is usually written so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from caat_peft.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration value the user can fix."""
+
+
+# Default LoRA targets for timm ViT / Swin blocks. An anchored regex (peft full-matches a string)
+# rather than a list of suffixes: the suffix "proj" would also hit ``patch_embed.proj``.
+DEFAULT_TARGET_MODULES = r"(.*\.)?blocks\.\d+\.(attn\.qkv|mlp\.fc1|mlp\.fc2)"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16_224"  # a timm model name
+    checkpoint: str | None = None  # local weights file (safetensors or a plain state dict)
+    pretrained: bool = False  # timm hub weights (needs network)
+    num_classes: int | None = None  # None: taken from the data set
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    mean: list[float] | None = None  # None: the checkpoint's / architecture's own preprocessing
+    std: list[float] | None = None
+
+
+@dataclass
+class PeftConfig:
+    method: str = "lora"  # lora | head | full
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = DEFAULT_TARGET_MODULES
+    train_head: bool = True  # a new classification head is always trainable by default
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits (bundled with scikit-learn)
+    root: str | None = None
+    classes: list[int] | None = None  # digits: which digits to keep (relabelled 0..n-1)
+    image_size: int | None = None  # None: the model's input size
+    test_fraction: float = 0.3  # digits only: the held-out part of the bundled data
+    num_workers: int = 0
+
+
+@dataclass
+class AttackConfig:
+    norm: str = "linf"  # linf | l2
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+    random_start: bool = True
+    eval_mode: bool = True  # run the attack with the model in eval mode
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "pgd-ce"
+
+
+@dataclass
+class CombinerConfig:
+    kind: str = "caat"  # vanilla | caat
+    lam: float = 0.5  # vanilla: weight of the adversarial gradient, in [0, 1]
+    gamma: float = 0.8  # caat: cosine threshold, in (-1, 1]
+    granularity: str = "global"  # global | tensor
+    normalize: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32  # the global batch, over all processes
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9  # sgd only
+    grad_clip: float | None = None  # max global norm of the combined update
+    schedule: str = "constant"  # constant | cosine (after the linear warm-up)
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    log_every: int = 1  # steps between metrics.jsonl rows
+
+
+@dataclass
+class EvalConfig:
+    steps: int = 20  # PGD steps of the end-of-epoch robust accuracy
+    eps: float | None = None  # None: the training attack's ε
+    alpha: float | None = None  # None: ε / 4
+    batch_size: int = 128
+    every: int = 1  # evaluate every N epochs (the last epoch always); 0: only at the end
+    limit: int | None = None  # evaluate on the first N held-out images only
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    combiner: CombinerConfig = field(default_factory=CombinerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Building a Config from plain data, with type checks
+
+
+_FRACTION = re.compile(r"^\s*([-+]?[0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
+
+
+def _parse_number(text: str) -> float | None:
+    """'1e-3' (which YAML 1.1 reads as a string) or a fraction such as '8/255'; else None."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    match = _FRACTION.match(text)
+    if match is None:
+        return None
+    try:
+        return float(match.group(1)) / float(match.group(2))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_describe(inner)}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "anything"
+    return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true/false"}.get(
+        tp.__name__, tp.__name__
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str) and (number := _parse_number(value)) is not None:
+            pass
+        else:
+            raise ConfigError(f"{key}: expected a number such as 0.03 or 8/255, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug, not a user error
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown config key '{where}' (allowed: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], key)
+        else:
+            kwargs[name] = _coerce(data[name], tp, key)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of ranges and choices
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{key} = {value!r} is not allowed (use one of: {', '.join(allowed)})")
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and choices; return ``cfg`` unchanged or raise ConfigError."""
+    _one_of("peft.method", cfg.peft.method, ("lora", "head", "full"))
+    _check(cfg.peft.r >= 1, f"peft.r = {cfg.peft.r} must be a positive integer")
+    _check(cfg.peft.alpha > 0, f"peft.alpha = {cfg.peft.alpha} must be > 0")
+    _check(0 <= cfg.peft.dropout < 1, f"peft.dropout = {cfg.peft.dropout} must be in [0, 1)")
+    _check(
+        cfg.model.num_classes is None or cfg.model.num_classes >= 2,
+        f"model.num_classes = {cfg.model.num_classes} must be at least 2",
+    )
+    for key, stats in (("model.mean", cfg.model.mean), ("model.std", cfg.model.std)):
+        _check(stats is None or len(stats) == 3, f"{key} must list 3 values (R, G, B)")
+    _check(
+        cfg.model.std is None or all(s > 0 for s in cfg.model.std), "model.std values must be > 0"
+    )
+
+    _one_of("data.name", cfg.data.name, ("digits",))
+    _check(
+        cfg.data.image_size is None or cfg.data.image_size >= 4,
+        f"data.image_size = {cfg.data.image_size} must be at least 4",
+    )
+    _check(
+        0 < cfg.data.test_fraction < 1,
+        f"data.test_fraction = {cfg.data.test_fraction} must be in (0, 1)",
+    )
+    _check(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")
+    if cfg.data.name == "digits" and cfg.data.classes is not None:
+        _check(
+            len(cfg.data.classes) >= 2
+            and len(set(cfg.data.classes)) == len(cfg.data.classes)
+            and all(0 <= c <= 9 for c in cfg.data.classes),
+            f"data.classes = {cfg.data.classes} must list at least 2 distinct digits in 0..9",
+        )
+
+    _one_of("attack.norm", cfg.attack.norm, ("linf", "l2"))
+    _check(cfg.attack.eps >= 0, f"attack.eps = {cfg.attack.eps} must be >= 0")
+    _check(cfg.attack.alpha >= 0, f"attack.alpha = {cfg.attack.alpha} must be >= 0")
+    _check(cfg.attack.steps >= 0, f"attack.steps = {cfg.attack.steps} must be >= 0")
+
+    _one_of("objective.kind", cfg.objective.kind, ("pgd-ce",))
+
+    _one_of("combiner.kind", cfg.combiner.kind, ("vanilla", "caat"))
+    _check(0 <= cfg.combiner.lam <= 1, f"combiner.lam = {cfg.combiner.lam} must be in [0, 1]")
+    _check(
+        -1 < cfg.combiner.gamma <= 1, f"combiner.gamma = {cfg.combiner.gamma} must be in (-1, 1]"
+    )
+    _one_of("combiner.granularity", cfg.combiner.granularity, ("global", "tensor"))
+
+    _check(cfg.train.epochs >= 1, f"train.epochs = {cfg.train.epochs} must be >= 1")
+    _check(cfg.train.batch_size >= 1, f"train.batch_size = {cfg.train.batch_size} must be >= 1")
+    _check(cfg.train.lr > 0, f"train.lr = {cfg.train.lr} must be > 0")
+    _check(cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0")
+    _one_of("train.optimizer", cfg.train.optimizer, ("adamw", "sgd"))
+    _check(0 <= cfg.train.momentum < 1, "train.momentum must be in [0, 1)")
+    _check(
+        cfg.train.grad_clip is None or cfg.train.grad_clip > 0,
+        "train.grad_clip must be > 0 (or null for no clipping)",
+    )
+    _one_of("train.schedule", cfg.train.schedule, ("constant", "cosine"))
+    _check(
+        0 <= cfg.train.warmup_epochs <= cfg.train.epochs,
+        f"train.warmup_epochs = {cfg.train.warmup_epochs} must be in [0, train.epochs]",
+    )
+    _check(cfg.train.log_every >= 1, "train.log_every must be >= 1")
+
+    _check(cfg.eval.steps >= 0, f"eval.steps = {cfg.eval.steps} must be >= 0")
+    _check(cfg.eval.eps is None or cfg.eval.eps >= 0, f"eval.eps = {cfg.eval.eps} must be >= 0")
+    _check(
+        cfg.eval.alpha is None or cfg.eval.alpha >= 0, f"eval.alpha = {cfg.eval.alpha} must be >= 0"
+    )
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1")
+    _check(cfg.eval.every >= 0, "eval.every must be >= 0")
+    _check(cfg.eval.limit is None or cfg.eval.limit >= 1, "eval.limit must be >= 1 (or null)")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def from_dict(data: dict[str, Any] | None) -> Config:
+    """Build and validate a Config from nested plain data (as read from YAML)."""
+    return validate(_build(Config, data, ""))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to nested plain data."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example train.lr=1e-3")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: the key must look like section.key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (pass the path of a YAML recipe)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where} (fix the syntax)") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = loaded or {}
+    return from_dict(apply_overrides(data, list(overrides)))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,44 @@
+"""A classifier that takes pixels in [0, 1] and applies its checkpoint's own normalisation.
+
+Attacks and ε then live in pixel space whatever the checkpoint's mean / std are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from caat_peft.config import ModelConfig, PeftConfig
+
+
+class PixelClassifier(nn.Module):
+    """``net((x − mean) / std)`` for ``x`` in [0, 1]; ``net`` may be a peft model."""
+
+    def __init__(
+        self, net: nn.Module, mean: Sequence[float], std: Sequence[float], **info: Any
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.info = info  # preprocessing and provenance, for reports
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def build_classifier(
+    model_cfg: ModelConfig, peft_cfg: PeftConfig, num_classes: int
+) -> PixelClassifier:
+    """Backbone + checkpoint + PEFT modules, wrapped to take pixels in [0, 1]."""
+    from caat_peft.models.backbone import build_backbone, preprocessing_of
+    from caat_peft.models.peft_setup import apply_peft
+
+    backbone = build_backbone(model_cfg, num_classes)
+    pre = preprocessing_of(backbone, model_cfg)
+    head_name = str(backbone.pretrained_cfg.get("classifier", "head"))
+    net = apply_peft(backbone, peft_cfg, head_name)
+    return PixelClassifier(net, pre["mean"], pre["std"], preprocessing=pre, head=head_name)
