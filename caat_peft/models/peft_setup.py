@@ -5,6 +5,7 @@ Everything not selected is frozen, so ``trainable_parameters`` is exactly θ of 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +26,12 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, head_name: str) -> nn.Module:
         return model
     from peft import LoraConfig, get_peft_model
 
+    if not matching_modules(model, cfg.target_modules):
+        raise UserError(
+            f"peft.target_modules = {cfg.target_modules!r} matches no layer of the model; "
+            "give a regex over module names such as "
+            r"'(.*\.)?blocks\.\d+\.(attn\.qkv|mlp\.fc1|mlp\.fc2)'"
+        )
     lora = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -32,16 +39,26 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, head_name: str) -> nn.Module:
         target_modules=cfg.target_modules,
         modules_to_save=[head_name] if cfg.train_head else None,
     )
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as exc:
-        if "not found in the base model" in str(exc) or "Target modules" in str(exc):
+    return get_peft_model(model, lora)
+
+
+def matching_modules(model: nn.Module, target: str | list[str]) -> list[str]:
+    """Module names peft will adapt: a string is a full-match regex, a list matches name
+    suffixes (so ``["proj"]`` also hits ``patch_embed.proj``: prefer an anchored regex)."""
+    names = [name for name, module in model.named_modules() if name and _is_leaf_linear(module)]
+    if isinstance(target, str):
+        try:
+            pattern = re.compile(target)
+        except re.error as exc:
             raise UserError(
-                f"peft.target_modules = {cfg.target_modules!r} matches no layer of the model; "
-                "give a regex over module names such as "
-                r"'(.*\.)?blocks\.\d+\.(attn\.qkv|mlp\.fc1|mlp\.fc2)'"
+                f"peft.target_modules = {target!r} is not a valid regex ({exc})"
             ) from None
-        raise
+        return [n for n in names if pattern.fullmatch(n)]
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in target)]
+
+
+def _is_leaf_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d))
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
