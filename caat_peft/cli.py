@@ -1,4 +1,4 @@
-"""``caat-peft train | demo``: the command line.
+"""``caat-peft train | eval | demo``: the command line.
 
 Mistakes a user can fix end with one line on stderr and exit code 2 (see ``errors.UserError``);
 anything else is a bug and keeps its traceback.
@@ -43,11 +43,34 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="robustness table (attacks × ε, AutoAttack, sanity checks) of a run or a model",
+    )
+    p.add_argument("run_dir", nargs="?", help="a finished run directory (config.yaml, adapter/)")
+    p.add_argument("--config", help="a YAML config giving the model and data (instead of a run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--adapter", help="an adapter folder to attach (default: RUN_DIR/adapter)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="data split")
+    p.add_argument("--attacks", default=None, help="names or presets, e.g. pgd20,autoattack")
+    p.add_argument("--eps", default=None, help="ε grid, e.g. 8/255,16/255")
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf")
+    p.add_argument("--budget", choices=("standard", "fast"), default="standard")
+    p.add_argument("--limit", type=int, default=None, help="first N samples only")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", help="where eval.json / eval.md go (default RUN_DIR/eval)")
+    p.add_argument("--no-resume", action="store_true", help="recompute finished attacks")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="caat-peft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_demo(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -61,10 +84,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
     output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
     result = train(cfg, output_dir, overwrite=args.overwrite, progress=not args.no_progress)
     f = result.final
+    if not result.is_main_process:
+        return 0
     print(
         f"clean acc {f['clean_acc']:.4f} | {f['eval_attack']} acc {f['robust_acc']:.4f} | "
         f"{f['seconds']:.1f} s | run directory {result.run_dir}"
     )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from caat_peft.config import load_config
+    from caat_peft.data import build_splits
+    from caat_peft.evaluation import run_eval, summarize
+    from caat_peft.models.backbone import preprocessing_for_config
+    from caat_peft.models.loading import load_trained
+
+    if (args.run_dir is None) == (args.config is None):
+        raise UserError("give either a run directory or --config (see caat-peft eval --help)")
+    if args.run_dir is not None:
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"{run_dir} is not a run directory (it has no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        adapter = args.adapter or run_dir / "adapter"
+        output_dir = Path(args.output_dir or run_dir / "eval")
+    else:
+        cfg = load_config(args.config, args.overrides)
+        adapter = args.adapter
+        if args.output_dir is None:
+            raise UserError("--output-dir is required with --config")
+        output_dir = Path(args.output_dir)
+    splits = build_splits(cfg.data, preprocessing_for_config(cfg.model))
+    data = splits.test if args.split == "test" else splits.val
+    if data is None:
+        raise UserError("this data set has no validation split (set data.val_fraction > 0)")
+    model = load_trained(cfg, cfg.model.num_classes or splits.num_classes, adapter)
+    result, json_path, md_path = run_eval(
+        model,
+        data,
+        output_dir,
+        resume=not args.no_resume,
+        attacks=args.attacks,
+        eps_list=args.eps,
+        norm=args.norm,
+        budget=args.budget,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(md_path.read_text())
+    print(summarize(result))
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 
@@ -79,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        handler = {"train": _cmd_train, "demo": _cmd_demo}[args.command]
+        handler = {"train": _cmd_train, "demo": _cmd_demo, "eval": _cmd_eval}[args.command]
         return handler(args)
     except UserError as exc:
         print(f"caat-peft: error: {exc}", file=sys.stderr)

@@ -54,11 +54,17 @@ class PeftConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits (bundled with scikit-learn)
-    root: str | None = None
+    name: str = "digits"  # digits | cub | dogs | folder | hf
+    root: str | None = None  # data folder (for hf: the cache folder)
+    hub_id: str | None = None  # hf: the data set id on the Hugging Face hub
     classes: list[int] | None = None  # digits: which digits to keep (relabelled 0..n-1)
     image_size: int | None = None  # None: the model's input size
     test_fraction: float = 0.3  # digits only: the held-out part of the bundled data
+    val_fraction: float = 0.0  # carved from train (seeded, stratified) for model selection
+    split_seed: int = 0  # the validation split's seed, independent of the training seed
+    bbox_crop: bool = False  # cub: crop to the bounding box
+    random_resized_crop: bool = False  # train augmentation: RRC instead of resize+crop+flip
+    bad_files: str = "error"  # error | skip (skip, count and report unreadable entries)
     num_workers: int = 0
 
 
@@ -269,7 +275,19 @@ def validate(cfg: Config) -> Config:
         cfg.model.std is None or all(s > 0 for s in cfg.model.std), "model.std values must be > 0"
     )
 
-    _one_of("data.name", cfg.data.name, ("digits",))
+    _one_of("data.name", cfg.data.name, ("digits", "cub", "dogs", "folder", "hf"))
+    if cfg.data.name in ("cub", "dogs", "folder"):
+        _check(
+            cfg.data.root is not None,
+            f"data.root is required for data.name = {cfg.data.name} (the extracted data folder)",
+        )
+    if cfg.data.name == "hf":
+        _check(cfg.data.hub_id is not None, "data.hub_id is required for data.name = hf")
+    _check(
+        0 <= cfg.data.val_fraction < 1,
+        f"data.val_fraction = {cfg.data.val_fraction} must be in [0, 1)",
+    )
+    _one_of("data.bad_files", cfg.data.bad_files, ("error", "skip"))
     _check(
         cfg.data.image_size is None or cfg.data.image_size >= 4,
         f"data.image_size = {cfg.data.image_size} must be at least 4",

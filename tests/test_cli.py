@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY_RECIPE
 
 from caat_peft.cli import main
+
+from conftest import ROOT, TINY_RECIPE
 
 
 @pytest.mark.parametrize(
@@ -88,3 +89,17 @@ def test_python_dash_m_entry_point(tmp_path):
         [sys.executable, "-m", "caat_peft", "--help"], capture_output=True, text=True, cwd=ROOT
     )
     assert help_proc.returncode == 0 and "demo" in help_proc.stdout
+
+
+def test_eval_on_a_run_directory(tmp_path, capsys):
+    run = tmp_path / "run"
+    fast = ["--set", "train.epochs=1", "--set", "eval.limit=16", "--set", "eval.steps=1"]
+    assert main(["train", str(TINY_RECIPE), "--output-dir", str(run), "--no-progress", *fast]) == 0
+    args = ["eval", str(run), "--attacks", "fgsm,pgd20", "--eps", "8/255", "--limit", "16"]
+    assert main([*args, "--budget", "fast", "--no-progress"]) == 0
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert report["n_samples"] == 16 and "fgsm" in report["accuracy"]
+    assert (run / "eval" / "eval.md").read_text().count("|") > 10
+    assert "wrote" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert "not a run directory" in capsys.readouterr().err

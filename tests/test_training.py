@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchattacks
-from conftest import TINY_RECIPE
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from caat_peft.config import ModelConfig, from_dict, load_config, to_dict
@@ -18,6 +17,8 @@ from caat_peft.gradients import make_combiner
 from caat_peft.models import PixelClassifier, build_backbone, build_classifier
 from caat_peft.objectives import build_objective
 from caat_peft.training import train, training_step
+
+from conftest import TINY_RECIPE
 
 STEP_KEYS = {"loss_clean", "loss_adv", "cos", "mu", "lambda_eff", "norm_clean", "norm_adv"}
 
@@ -220,3 +221,25 @@ def test_checkpoint_with_prefixes_and_container_loads(tmp_path, tiny_checkpoint)
     model = build_backbone(cfg, num_classes=5)
     assert torch.equal(model.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
     assert model.head.weight.shape[0] == 5  # the 1000-class head was replaced
+
+
+@pytest.mark.parametrize("source", ["cub", "dogs"])
+def test_trains_on_official_layout_fixtures(tmp_path, source):
+    from caat_peft.data.fixtures import make_cub_fixture, make_dogs_fixture
+
+    make = make_cub_fixture if source == "cub" else make_dogs_fixture
+    root = make(tmp_path / "data", n_classes=3, per_class=6)
+    cfg = load_config(
+        TINY_RECIPE,
+        [
+            f"data.name={source}",
+            f"data.root={root}",
+            "data.classes=null",
+            "data.val_fraction=0.25",
+            "train.batch_size=4",
+            "train.epochs=1",
+            "eval.steps=1",
+        ],
+    )
+    final = train(cfg, tmp_path / "run", progress=False).final
+    assert final["steps"] >= 1 and 0 <= final["clean_acc"] <= 1

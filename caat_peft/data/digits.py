@@ -9,22 +9,15 @@ is evaluated on the same images.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
+
+from caat_peft.data.sources import DataSplits
+from caat_peft.data.split import stratified_split
 
 SPLIT_SEED = 0
-
-
-@dataclass
-class DigitsSplits:
-    train: Dataset
-    val: Dataset | None
-    test: Dataset
-    num_classes: int
-    class_names: list[str]
 
 
 def digits_tensors(
@@ -50,9 +43,13 @@ def digits_tensors(
 
 
 def load_digits_splits(
-    image_size: int, classes: Sequence[int] | None = None, test_fraction: float = 0.3
-) -> DigitsSplits:
-    """Stratified train / held-out split of the bundled digits."""
+    image_size: int,
+    classes: Sequence[int] | None = None,
+    test_fraction: float = 0.3,
+    val_fraction: float = 0.0,
+    val_seed: int = 0,
+) -> DataSplits:
+    """Stratified train / (val) / held-out split of the bundled digits."""
     from sklearn.model_selection import train_test_split
 
     images, labels = digits_tensors(image_size, classes)
@@ -63,10 +60,15 @@ def load_digits_splits(
         stratify=labels.numpy(),
     )
     idx_train, idx_test = torch.from_numpy(idx_train), torch.from_numpy(idx_test)
+    val = None
+    if val_fraction > 0:
+        keep, held = stratified_split(labels[idx_train].tolist(), val_fraction, val_seed)
+        idx_val, idx_train = idx_train[held], idx_train[keep]
+        val = TensorDataset(images[idx_val], labels[idx_val])
     names = [str(c) for c in (classes if classes is not None else range(10))]
-    return DigitsSplits(
+    return DataSplits(
         train=TensorDataset(images[idx_train], labels[idx_train]),
-        val=None,
+        val=val,
         test=TensorDataset(images[idx_test], labels[idx_test]),
         num_classes=len(names),
         class_names=names,

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from caat_peft.attacks import pgd, sample_random_start
 from caat_peft.config import Config, TrainConfig, save_config
 from caat_peft.data import build_splits
+from caat_peft.data.loader import make_loader
 from caat_peft.errors import UserError
 from caat_peft.gradients import make_combiner
 from caat_peft.models import (
@@ -46,6 +47,7 @@ class TrainResult:
     run_dir: Path
     final: dict[str, Any]
     model: PixelClassifier
+    is_main_process: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,6 +177,19 @@ def evaluate(
 # The run
 
 
+def make_accelerator() -> Accelerator:
+    """An Accelerator whose data loaders split the global batch over processes.
+
+    Under ``torchrun`` without a GPU, accelerate only sets up its gloo process group (MULTI_CPU)
+    when asked for the CPU explicitly; without that, every process would train alone.
+    """
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(
+        cpu=multi_process_cpu,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+
+
 def _uses_adversarial_gradient(cfg: Config) -> bool:
     """False for standard training: vanilla λ = 0 and CA-AT γ = 1 both update with g_c."""
     c = cfg.combiner
@@ -192,7 +207,7 @@ def train(
 ) -> TrainResult:
     """Run adversarial PEFT as configured and write the run directory; see the module doc."""
     output_dir = Path(output_dir)
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
+    accelerator = make_accelerator()
     is_main = accelerator.is_main_process
     if is_main:
         check_output_dir(output_dir, overwrite)
@@ -220,20 +235,24 @@ def train(
             f"({len(splits.train)} images); lower it"
         )
 
-    loader_rng = torch.Generator().manual_seed(cfg.train.seed)
-    train_loader = DataLoader(
+    train_loader = make_loader(
         splits.train,
-        batch_size=cfg.train.batch_size,
+        cfg.train.batch_size,
         shuffle=True,
-        drop_last=True,  # equal global batches: the run does not depend on the process count
-        generator=loader_rng,
         num_workers=cfg.data.num_workers,
+        seed=cfg.train.seed,
+        drop_last=True,  # equal global batches: the run does not depend on the process count
     )
     eval_set = splits.test
     if cfg.eval.limit is not None and cfg.eval.limit < len(eval_set):
         eval_set = Subset(eval_set, range(cfg.eval.limit))
-    eval_loader = DataLoader(
-        eval_set, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers
+    eval_loader = make_loader(
+        eval_set,
+        cfg.eval.batch_size,
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.train.seed,
+        drop_last=False,
     )
     optimizer = make_optimizer(named, cfg.train)
     steps_per_epoch = len(train_loader)
@@ -351,7 +370,7 @@ def train(
         save_trainable(model.net, output_dir / "adapter")
         atomic_write_text(output_dir / "final.json", json.dumps(final, indent=2) + "\n")
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir=output_dir, final=final, model=model)
+    return TrainResult(run_dir=output_dir, final=final, model=model, is_main_process=is_main)
 
 
 def _postfix(stats: dict[str, Any]) -> dict[str, str]:

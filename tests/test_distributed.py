@@ -1,0 +1,58 @@
+"""Two processes (torchrun, gloo on CPU) end with the same parameters as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY_RECIPE
+
+FAST = ["--set", "train.epochs=1", "--set", "eval.limit=32", "--set", "eval.steps=2"]
+
+
+def _run(out, nproc: int, extra: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["train", str(TINY_RECIPE), "--output-dir", str(out), "--no-progress", *FAST, *extra]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "caat_peft", *args]
+    else:
+        torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+        cmd = [
+            torchrun,
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            "0",
+            "-m",
+            "caat_peft",
+            *args,
+        ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "combiner",
+    [
+        ["--set", "combiner.kind=vanilla"],
+        ["--set", "combiner.kind=caat", "--set", "combiner.gamma=0.9"],
+    ],
+)
+def test_two_processes_match_one(tmp_path, combiner):
+    _run(tmp_path / "one", 1, combiner)
+    _run(tmp_path / "two", 2, combiner)
+    assert json.loads((tmp_path / "two" / "final.json").read_text())["num_processes"] == 2
+    one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert one.keys() == two.keys()
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst < 1e-5
+    # And training really moved them (a test that cannot fail would not show anything).
+    assert any(torch.count_nonzero(v) for k, v in one.items() if "lora_B" in k)
