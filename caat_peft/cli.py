@@ -33,6 +33,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output-dir", default=None, help="run directory (default runs/<recipe>)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already there")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run from its newest checkpoint"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -82,7 +85,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
-    result = train(cfg, output_dir, overwrite=args.overwrite, progress=not args.no_progress)
+    result = train(
+        cfg,
+        output_dir,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
     f = result.final
     if not result.is_main_process:
         return 0

@@ -26,16 +26,21 @@ class ConfigError(UserError):
     """A configuration value the user can fix."""
 
 
-# Default LoRA targets for timm ViT / Swin blocks. An anchored regex (peft full-matches a string)
-# rather than a list of suffixes: the suffix "proj" would also hit ``patch_embed.proj``.
+# LoRA targets for timm ViT / Swin blocks (the `qkv_mlp` preset of caat_peft.models.targets,
+# which peft.targets: auto now resolves per model family). An anchored regex (peft full-matches a
+# string) rather than a list of suffixes: the suffix "proj" would also hit ``patch_embed.proj``.
 DEFAULT_TARGET_MODULES = r"(.*\.)?blocks\.\d+\.(attn\.qkv|mlp\.fc1|mlp\.fc2)"
 
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_tiny_patch16_224"  # a timm model name
-    checkpoint: str | None = None  # local weights file (safetensors or a plain state dict)
-    pretrained: bool = False  # timm hub weights (needs network)
+    # a registry entry (ares_swin_base, Liu2023Comprehensive_Swin-B, …), a timm model name, or
+    # hf:<repo id | folder | vit | swin> for transformers models; see docs/models.md
+    name: str = "vit_tiny_patch16_224"
+    # weights: a file (safetensors or a plain / RobustBench state dict), a timm or HF model
+    # folder, or an http(s) URL (downloaded into the cache once)
+    checkpoint: str | None = None
+    pretrained: bool = False  # timm / HF hub weights, or a registry entry's URL (needs network)
     num_classes: int | None = None  # None: taken from the data set
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     mean: list[float] | None = None  # None: the checkpoint's / architecture's own preprocessing
@@ -44,11 +49,20 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = "lora"  # lora | head | full
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: str | list[str] = DEFAULT_TARGET_MODULES
+    method: str = "lora"  # lora | ia3 | loha | lokr | vera | adapter | head | full
+    # which layers: a preset (auto, qkv, attn, mlp, mlp_out, qkv_mlp, attn_mlp) or parts joined
+    # with '+' (qkv+fc2); auto = mlp_out for the adapter, qkv_mlp otherwise
+    targets: str = "auto"
+    target_modules: str | list[str] | None = None  # explicit override: an anchored regex
+    r: int = 8  # lora / loha / lokr / vera rank
+    alpha: float = 16.0  # lora / loha / lokr scaling numerator
+    dropout: float = 0.0  # lora_dropout, loha / lokr rank_dropout, vera_dropout, adapter dropout
+    reduction: int = 8  # adapter: width / bottleneck width
+    bottleneck_dim: int | None = None  # adapter: bottleneck width (overrides reduction)
+    activation: str = "gelu"  # adapter: gelu | relu | silu | tanh
+    scaling: float = 1.0  # adapter: s in h + s·up(act(down(h)))
+    learnable_scaling: bool = False  # adapter: train s
+    options: dict[str, Any] = field(default_factory=dict)  # extra peft config arguments
     train_head: bool = True  # a new classification head is always trainable by default
 
 
@@ -70,17 +84,21 @@ class DataConfig:
 
 @dataclass
 class AttackConfig:
+    kind: str = "pgd"  # pgd | fgsm (objective.kind = trades runs its own KL attack, PGD-style)
     norm: str = "linf"  # linf | l2
     eps: float = 8 / 255
-    alpha: float = 2 / 255
-    steps: int = 10
+    alpha: float = 2 / 255  # pgd / trades step size
+    steps: int = 10  # pgd / trades steps
     random_start: bool = True
     eval_mode: bool = True  # run the attack with the model in eval mode
+    fgsm_alpha: float | None = None  # fgsm step size; None: 1.25·eps (Wong et al., 2020)
 
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = "pgd-ce"
+    kind: str = "pgd-ce"  # pgd-ce | trades | mart | clp
+    beta: float | None = None  # mart: weight of its KL term; None: 6.0 (Wang et al., 2020)
+    pairing_weight: float | None = None  # clp: weight of the logit-pairing term; None: 0.5
 
 
 @dataclass
@@ -101,10 +119,20 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.9  # sgd only
     grad_clip: float | None = None  # max global norm of the combined update
-    schedule: str = "constant"  # constant | cosine (after the linear warm-up)
+    schedule: str = "constant"  # constant | cosine (after the linear warm-up) | onecycle
     warmup_epochs: float = 0.0
+    grad_accum_steps: int = 1  # micro-batches per optimiser step (g_c, g_a accumulated apart)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for attack and losses)
+    ema_decay: float | None = None  # EMA of the trainable parameters (evaluated and saved)
+    early_stop_patience: int | None = None  # epochs without a better val robust accuracy
+    max_nonfinite_steps: int = 20  # consecutive skipped (NaN/Inf) steps before the run stops
+    save_every: int = 0  # steps between resumable checkpoints; 0: none
+    keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
     seed: int = 0
     log_every: int = 1  # steps between metrics.jsonl rows
+    log_with: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
+    layer_conflict_every: int = 0  # steps between per-tensor cos(g_a, g_c) rows; 0: never
+    plots: bool = True  # conflict.png (φ, μ, λ* over training) at the end
 
 
 @dataclass
@@ -115,6 +143,7 @@ class EvalConfig:
     batch_size: int = 128
     every: int = 1  # evaluate every N epochs (the last epoch always); 0: only at the end
     limit: int | None = None  # evaluate on the first N held-out images only
+    select_steps: int = 10  # PGD steps of the per-epoch validation robust accuracy (selection)
 
 
 @dataclass
@@ -261,10 +290,20 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> Config:
     """Check ranges and choices; return ``cfg`` unchanged or raise ConfigError."""
-    _one_of("peft.method", cfg.peft.method, ("lora", "head", "full"))
+    _one_of(
+        "peft.method",
+        cfg.peft.method,
+        ("lora", "ia3", "loha", "lokr", "vera", "adapter", "head", "full"),
+    )
     _check(cfg.peft.r >= 1, f"peft.r = {cfg.peft.r} must be a positive integer")
     _check(cfg.peft.alpha > 0, f"peft.alpha = {cfg.peft.alpha} must be > 0")
     _check(0 <= cfg.peft.dropout < 1, f"peft.dropout = {cfg.peft.dropout} must be in [0, 1)")
+    _check(cfg.peft.reduction >= 1, f"peft.reduction = {cfg.peft.reduction} must be >= 1")
+    _check(
+        cfg.peft.bottleneck_dim is None or cfg.peft.bottleneck_dim >= 1,
+        f"peft.bottleneck_dim = {cfg.peft.bottleneck_dim} must be >= 1 (or null)",
+    )
+    _one_of("peft.activation", cfg.peft.activation, ("gelu", "relu", "silu", "tanh"))
     _check(
         cfg.model.num_classes is None or cfg.model.num_classes >= 2,
         f"model.num_classes = {cfg.model.num_classes} must be at least 2",
@@ -305,12 +344,37 @@ def validate(cfg: Config) -> Config:
             f"data.classes = {cfg.data.classes} must list at least 2 distinct digits in 0..9",
         )
 
+    _one_of("attack.kind", cfg.attack.kind, ("pgd", "fgsm"))
     _one_of("attack.norm", cfg.attack.norm, ("linf", "l2"))
     _check(cfg.attack.eps >= 0, f"attack.eps = {cfg.attack.eps} must be >= 0")
     _check(cfg.attack.alpha >= 0, f"attack.alpha = {cfg.attack.alpha} must be >= 0")
     _check(cfg.attack.steps >= 0, f"attack.steps = {cfg.attack.steps} must be >= 0")
+    _check(
+        cfg.attack.fgsm_alpha is None or cfg.attack.fgsm_alpha >= 0,
+        f"attack.fgsm_alpha = {cfg.attack.fgsm_alpha} must be >= 0 (or null for 1.25·eps)",
+    )
 
-    _one_of("objective.kind", cfg.objective.kind, ("pgd-ce",))
+    obj = cfg.objective
+    _one_of("objective.kind", obj.kind, ("pgd-ce", "trades", "mart", "clp"))
+    _check(
+        not (obj.kind == "trades" and cfg.attack.kind == "fgsm"),
+        "attack.kind = fgsm does not apply to objective.kind = trades, which runs its own KL "
+        "attack with attack.steps and attack.alpha (set attack.kind = pgd)",
+    )
+    _check(
+        obj.beta is None or obj.kind == "mart",
+        f"objective.beta is used by objective.kind = mart only (remove it; for {obj.kind} the "
+        "combiner weighs L_clean against L_adv: vanilla combiner.lam = β/(1+β) is TRADES' β)",
+    )
+    _check(obj.beta is None or obj.beta >= 0, f"objective.beta = {obj.beta} must be >= 0")
+    _check(
+        obj.pairing_weight is None or obj.kind == "clp",
+        f"objective.pairing_weight is used by objective.kind = clp only (remove it for {obj.kind})",
+    )
+    _check(
+        obj.pairing_weight is None or obj.pairing_weight >= 0,
+        f"objective.pairing_weight = {obj.pairing_weight} must be >= 0",
+    )
 
     _one_of("combiner.kind", cfg.combiner.kind, ("vanilla", "caat"))
     _check(0 <= cfg.combiner.lam <= 1, f"combiner.lam = {cfg.combiner.lam} must be in [0, 1]")
@@ -329,12 +393,33 @@ def validate(cfg: Config) -> Config:
         cfg.train.grad_clip is None or cfg.train.grad_clip > 0,
         "train.grad_clip must be > 0 (or null for no clipping)",
     )
-    _one_of("train.schedule", cfg.train.schedule, ("constant", "cosine"))
+    _one_of("train.schedule", cfg.train.schedule, ("constant", "cosine", "onecycle"))
     _check(
         0 <= cfg.train.warmup_epochs <= cfg.train.epochs,
         f"train.warmup_epochs = {cfg.train.warmup_epochs} must be in [0, train.epochs]",
     )
     _check(cfg.train.log_every >= 1, "train.log_every must be >= 1")
+    _check(cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
+    _check(
+        cfg.train.batch_size % cfg.train.grad_accum_steps == 0,
+        f"train.batch_size = {cfg.train.batch_size} must be divisible by "
+        f"train.grad_accum_steps = {cfg.train.grad_accum_steps}",
+    )
+    _one_of("train.precision", cfg.train.precision, ("fp32", "bf16", "fp16"))
+    _check(
+        cfg.train.ema_decay is None or 0 < cfg.train.ema_decay < 1,
+        f"train.ema_decay = {cfg.train.ema_decay} must be in (0, 1) (or null for no EMA)",
+    )
+    _check(
+        cfg.train.early_stop_patience is None or cfg.train.early_stop_patience >= 1,
+        "train.early_stop_patience must be >= 1 (or null)",
+    )
+    _check(cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+    _check(cfg.train.save_every >= 0, "train.save_every must be >= 0 (0: no checkpoints)")
+    _check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+    _check(cfg.train.layer_conflict_every >= 0, "train.layer_conflict_every must be >= 0")
+    for tracker in cfg.train.log_with:
+        _one_of("train.log_with", tracker, ("tensorboard", "wandb", "mlflow", "comet_ml", "aim"))
 
     _check(cfg.eval.steps >= 0, f"eval.steps = {cfg.eval.steps} must be >= 0")
     _check(cfg.eval.eps is None or cfg.eval.eps >= 0, f"eval.eps = {cfg.eval.eps} must be >= 0")
@@ -344,6 +429,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1")
     _check(cfg.eval.every >= 0, "eval.every must be >= 0")
     _check(cfg.eval.limit is None or cfg.eval.limit >= 1, "eval.limit must be >= 1 (or null)")
+    _check(cfg.eval.select_steps >= 0, "eval.select_steps must be >= 0")
     return cfg
 
 

@@ -26,15 +26,14 @@ def _run(out, nproc: int, extra: list[str]) -> None:
         torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
         cmd = [
             torchrun,
+            "--standalone",  # a free port of its own: tests may run side by side
             "--nproc_per_node",
             str(nproc),
-            "--master_port",
-            "0",
             "-m",
             "caat_peft",
             *args,
         ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

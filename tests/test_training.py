@@ -17,6 +17,7 @@ from caat_peft.gradients import make_combiner
 from caat_peft.models import PixelClassifier, build_backbone, build_classifier
 from caat_peft.objectives import build_objective
 from caat_peft.training import train, training_step
+from caat_peft.training.step import MicroBatch
 
 from conftest import TINY_RECIPE
 
@@ -118,8 +119,7 @@ def test_training_step_equals_the_method_by_hand(kind, gamma):
         build_objective("pgd-ce", cfg.attack),
         combiner,
         optimizer,
-        x,
-        y,
+        [MicroBatch(x, y)],
         reduce=identity,
     )
     assert not result.skipped
@@ -166,8 +166,7 @@ def test_non_finite_loss_skips_the_step_and_keeps_weights():
             build_objective("pgd-ce", cfg.attack),
             make_combiner(kind),
             optimizer,
-            x,
-            y,
+            [MicroBatch(x, y)],
             reduce=lambda g_c, g_a, s: (g_c, g_a, s),
             clean_only=clean_only,
         )

@@ -1,43 +1,64 @@
 """Gradient reduction across processes, done by hand.
 
 CA-AT is non-linear in (g_c, g_a), so the *global* gradients must be formed before combining:
-every rank reduces both gradients (and the logged scalars) in one collective over a flat buffer,
+every rank averages both gradients (and the logged scalars) with all-reduces over flat buffers,
 then runs the same combiner on the same numbers. The model is never wrapped in DDP: the attack's
 input-only gradients and ``torch.autograd.grad`` would bypass or confuse its reducer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+Reducer = Callable[[list[Tensor], list[Tensor], Tensor], tuple[list[Tensor], list[Tensor], Tensor]]
 
-def _flatten(groups: list[list[Tensor]]) -> Tensor:
-    return torch.cat([t.reshape(-1) for group in groups for t in group])
+# PEFT-sized θ fit one buffer; full fine-tuning of a ViT-L would need GBs more, so reduce in
+# buckets of at most this many elements (64 MiB in fp32).
+BUCKET_ELEMENTS = 1 << 24
 
 
-def _unflatten(flat: Tensor, like: list[list[Tensor]]) -> list[list[Tensor]]:
-    out, offset = [], 0
-    for group in like:
-        restored = []
-        for t in group:
-            restored.append(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        out.append(restored)
+def _buckets(tensors: list[Tensor], limit: int) -> list[list[int]]:
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, t in enumerate(tensors):
+        if groups[-1] and size + t.numel() > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += t.numel()
+    return groups
+
+
+def all_reduce_mean(
+    tensors: list[Tensor], accelerator: Accelerator, limit: int = BUCKET_ELEMENTS
+) -> list[Tensor]:
+    """Average ``tensors`` over processes, one collective per bucket of flat tensors."""
+    out: list[Tensor] = list(tensors)
+    for bucket in _buckets(tensors, limit):
+        flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
+        flat = accelerator.reduce(flat, reduction="mean")
+        offset = 0
+        for i in bucket:
+            n = tensors[i].numel()
+            out[i] = flat[offset : offset + n].view_as(tensors[i])
+            offset += n
     return out
 
 
-def make_reducer(accelerator: Accelerator):
+def make_reducer(accelerator: Accelerator) -> Reducer:
     """``reduce(g_c, g_a, scalars) -> (g_c, g_a, scalars)``, all averaged over processes."""
     if accelerator.num_processes == 1:
         return lambda g_c, g_a, scalars: (g_c, g_a, scalars)
 
     def reduce(g_c: list[Tensor], g_a: list[Tensor], scalars: Tensor):
-        groups = [g_c, g_a, [scalars.to(g_c[0].dtype)]]
-        flat = accelerator.reduce(_flatten(groups), reduction="mean")
-        g_c, g_a, (scalars_out,) = _unflatten(flat, groups)
-        return g_c, g_a, scalars_out
+        dtype = g_c[0].dtype
+        reduced = all_reduce_mean([*g_c, *g_a, scalars.to(dtype)], accelerator)
+        n_c, n_a = len(g_c), len(g_a)
+        return reduced[:n_c], reduced[n_c : n_c + n_a], reduced[-1]
 
     return reduce
 

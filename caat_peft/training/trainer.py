@@ -1,33 +1,37 @@
 """The accelerate-driven trainer: data, model, optimiser, the epoch loop, evaluation, outputs.
 
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one row per
-logged step and one per epoch), ``final.json`` and ``adapter/`` (peft ``save_pretrained``).
-Everything that can fail on user input (config, data, checkpoint) is checked before the run
-directory is created.
+logged step, one per epoch), ``final.json``, ``adapter/`` (peft ``save_pretrained``; the last
+model), ``best_adapter/`` (the best on the validation split, when there is one), resumable
+``checkpoints/`` and ``conflict.png``. Everything that can fail on user input (config, data,
+checkpoint) is checked before the run directory is created.
+
+The model is not wrapped in DDP and the data loaders are not handed to accelerate: every process
+draws its slice of each global batch from the same seeded permutation (``GlobalBatchSampler``)
+and gradients are reduced by hand (``distributed.py``), so the result does not depend on the
+number of processes and a resumed run continues exactly where its checkpoint was taken.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from caat_peft.attacks import pgd, sample_random_start
-from caat_peft.config import Config, TrainConfig, save_config
+from caat_peft.config import Config, load_config, save_config, to_dict
 from caat_peft.data import build_splits
-from caat_peft.data.loader import make_loader
 from caat_peft.errors import UserError
 from caat_peft.gradients import make_combiner
 from caat_peft.models import (
@@ -38,8 +42,11 @@ from caat_peft.models import (
     trainable_parameters,
 )
 from caat_peft.objectives import build_objective
+from caat_peft.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from caat_peft.training.distributed import broadcast_parameters, make_reducer
-from caat_peft.training.step import training_step
+from caat_peft.training.optim import LossScaler, ParameterEMA, make_optimizer, make_scheduler
+from caat_peft.training.step import MicroBatch, training_step
+from caat_peft.training.telemetry import MetricsLog, plot_conflict, tracker_scalars
 
 
 @dataclass
@@ -79,65 +86,92 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         if not overwrite:
             raise UserError(
                 f"output directory {output_dir} already holds a run "
-                "(pass --overwrite to replace it, or choose another --output-dir)"
+                "(pass --resume to continue it, --overwrite to replace it, or another --output-dir)"
             )
 
 
 def _make_run_dir(output_dir: Path, overwrite: bool) -> None:
     if overwrite and (output_dir / "config.yaml").exists():
         shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {output_dir} ({exc.strerror})") from None
     if not os.access(output_dir, os.W_OK):
         raise UserError(f"output directory {output_dir} is not writable (choose another)")
 
 
-class MetricsLog:
-    """Append-only JSON lines, flushed at every row so a killed run keeps what it logged."""
-
-    def __init__(self, path: Path | None) -> None:
-        self._fh = open(path, "a") if path is not None else None  # noqa: SIM115
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self._fh is not None:
-            self._fh.write(json.dumps(row) + "\n")
-            self._fh.flush()
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
+def _first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str | None:
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            found = _first_difference(va, vb, f"{prefix}{key}.")
+            if found:
+                return found
+        elif va != vb:
+            return f"{prefix}{key}: {vb!r} in the run, {va!r} now"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
-# Optimisation
+# Data order
 
 
-def make_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: TrainConfig):
-    """AdamW / SGD; no weight decay on biases and normalisation weights (1-D tensors)."""
-    decay = [p for _, p in named_params if p.ndim > 1]
-    no_decay = [p for _, p in named_params if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This process's slice of every global (micro-)batch of a seeded per-epoch permutation.
+
+    Every process builds the same permutation from (seed, epoch), cuts it into global batches
+    (dropping the incomplete last one) and keeps its contiguous slice, so a step sees the same
+    images whatever the process count. ``start`` skips batches when resuming mid-epoch.
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int) -> None:
+        self.n, self.global_batch, self.rank, self.world, self.seed = (
+            n,
+            global_batch,
+            rank,
+            world,
+            seed,
+        )
+        self.local = global_batch // world
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.n // self.global_batch - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=gen).tolist()
+        for b in range(self.start, self.n // self.global_batch):
+            first = b * self.global_batch + self.rank * self.local
+            yield order[first : first + self.local]
 
 
-def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
-    """Linear warm-up then constant or cosine decay, stepped once per optimiser step."""
-    warmup = int(round(cfg.warmup_epochs / cfg.epochs * total_steps)) if cfg.epochs else 0
+class _ShardSampler(Sampler[int]):
+    """Every ``world``-th index starting at ``rank``: evaluation split over processes."""
 
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "cosine":
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+def _loader(dataset: Dataset, num_workers: int, **kwargs: Any) -> DataLoader:
+    return DataLoader(
+        dataset,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        **kwargs,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +181,7 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loader: DataLoader,
+    dataset: Dataset,
     accelerator: Accelerator,
     *,
     eps: float,
@@ -155,39 +189,34 @@ def evaluate(
     steps: int,
     norm: str,
     seed: int,
+    batch_size: int = 128,
+    num_workers: int = 0,
 ) -> dict[str, float]:
-    """Clean accuracy and PGD-``steps`` accuracy (random start, fixed seed) over ``loader``."""
+    """Clean accuracy and PGD-``steps`` accuracy (random start from ``seed``) over ``dataset``.
+
+    Each process takes every ``world``-th sample; the counts are summed across processes.
+    """
     model.eval()
-    generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-    correct_clean, correct_adv = [], []
+    device = accelerator.device
+    sampler = _ShardSampler(len(dataset), accelerator.process_index, accelerator.num_processes)
+    loader = _loader(dataset, num_workers, batch_size=batch_size, sampler=sampler)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    counts = torch.zeros(3, device=device)
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         pred_clean = model(x).argmax(1)
         x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator)
         pred_adv = model(x_adv).argmax(1)
-        pair = torch.stack([pred_clean == y, pred_adv == y], dim=1)
-        pair = accelerator.gather_for_metrics(pair)
-        correct_clean.append(pair[:, 0])
-        correct_adv.append(pair[:, 1])
-    clean = torch.cat(correct_clean).float()
-    adv = torch.cat(correct_adv).float()
-    return {"clean_acc": clean.mean().item(), "robust_acc": adv.mean().item(), "n": clean.numel()}
+        counts += torch.stack(
+            [(pred_clean == y).sum(), (pred_adv == y).sum(), torch.tensor(len(y), device=device)]
+        ).float()
+    counts = accelerator.reduce(counts, reduction="sum")
+    clean, robust, n = counts.tolist()
+    return {"clean_acc": clean / n, "robust_acc": robust / n, "n": int(n)}
 
 
 # --------------------------------------------------------------------------------------------
 # The run
-
-
-def make_accelerator() -> Accelerator:
-    """An Accelerator whose data loaders split the global batch over processes.
-
-    Under ``torchrun`` without a GPU, accelerate only sets up its gloo process group (MULTI_CPU)
-    when asked for the CPU explicitly; without that, every process would train alone.
-    """
-    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(
-        cpu=multi_process_cpu,
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-    )
 
 
 def _uses_adversarial_gradient(cfg: Config) -> bool:
@@ -198,26 +227,82 @@ def _uses_adversarial_gradient(cfg: Config) -> bool:
     return c.gamma < 1
 
 
+def make_accelerator(cfg: Config | None = None, project_dir: Path | None = None) -> Accelerator:
+    """An Accelerator for this process group (and the config's trackers).
+
+    Under ``torchrun`` without a GPU, accelerate only sets up its gloo process group (MULTI_CPU)
+    when asked for the CPU explicitly; without that, every process would train alone.
+    """
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    log_with = list(cfg.train.log_with) if cfg is not None and cfg.train.log_with else None
+    return Accelerator(
+        cpu=multi_process_cpu,
+        log_with=log_with,
+        project_dir=str(project_dir) if project_dir is not None and log_with else None,
+    )
+
+
+def _flat_hparams(cfg: Config) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            ok = isinstance(value, (int, float, str, bool))
+            flat[f"{section}.{key}"] = value if ok else str(value)
+    return flat
+
+
+class _Run:
+    """State of one training run, so that the loop below reads top to bottom."""
+
+    def __init__(
+        self, cfg: Config, output_dir: Path, accelerator: Accelerator, model: nn.Module
+    ) -> None:
+        self.cfg, self.output_dir, self.accelerator, self.model = (
+            cfg,
+            output_dir,
+            accelerator,
+            model,
+        )
+        self.step = 0  # optimiser steps taken
+        self.epoch = 1  # the epoch in progress
+        self.step_in_epoch = 0
+        self.skipped = 0
+        self.consecutive_nonfinite = 0
+        self.best: dict[str, Any] = {}
+        self.epochs_since_best = 0
+        self.last_eval: dict[str, float] = {}
+        self.stopped_early = False
+
+
 def train(
     cfg: Config,
     output_dir: str | Path,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
     """Run adversarial PEFT as configured and write the run directory; see the module doc."""
     output_dir = Path(output_dir)
-    accelerator = make_accelerator()
-    is_main = accelerator.is_main_process
-    if is_main:
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other (pick one)")
+    accelerator = make_accelerator(cfg, output_dir)
+    is_main, world, rank = (
+        accelerator.is_main_process,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    checkpoint = _resume_point(cfg, output_dir) if resume else None
+    if is_main and not resume:
         check_output_dir(output_dir, overwrite)
-    world = accelerator.num_processes
-    if cfg.train.batch_size % world:
+    tc = cfg.train
+    micro_global = tc.batch_size // tc.grad_accum_steps
+    if micro_global % world:
         raise UserError(
-            f"train.batch_size = {cfg.train.batch_size} must be divisible by the number of "
-            f"processes ({world}); it is the global batch"
+            f"train.batch_size / train.grad_accum_steps = {micro_global} must be divisible by "
+            f"the number of processes ({world}); train.batch_size is the global batch"
         )
-    set_seed(cfg.train.seed)
+    set_seed(tc.seed)
 
     # Data and model: every user-caused failure happens here, before the run directory exists.
     preprocessing = preprocessing_for_config(cfg.model)
@@ -229,37 +314,26 @@ def train(
     if not named:
         raise UserError("no trainable parameters: check peft.method and peft.target_modules")
     params = [p for _, p in named]
-    if len(splits.train) < cfg.train.batch_size:
+    if len(splits.train) < tc.batch_size:
         raise UserError(
-            f"train.batch_size = {cfg.train.batch_size} is larger than the training set "
+            f"train.batch_size = {tc.batch_size} is larger than the training set "
             f"({len(splits.train)} images); lower it"
         )
 
-    train_loader = make_loader(
-        splits.train,
-        cfg.train.batch_size,
-        shuffle=True,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.train.seed,
-        drop_last=True,  # equal global batches: the run does not depend on the process count
-    )
-    eval_set = splits.test
-    if cfg.eval.limit is not None and cfg.eval.limit < len(eval_set):
-        eval_set = Subset(eval_set, range(cfg.eval.limit))
-    eval_loader = make_loader(
-        eval_set,
-        cfg.eval.batch_size,
-        shuffle=False,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.train.seed,
-        drop_last=False,
-    )
-    optimizer = make_optimizer(named, cfg.train)
-    steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    scheduler = make_scheduler(optimizer, cfg.train, total_steps)
-    optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
+    sampler = GlobalBatchSampler(len(splits.train), micro_global, rank, world, tc.seed)
+    train_loader = _loader(splits.train, cfg.data.num_workers, batch_sampler=sampler)
+    steps_per_epoch = (len(splits.train) // micro_global) // tc.grad_accum_steps
+    if steps_per_epoch == 0:
+        raise UserError("the training set is smaller than one global batch; lower train.batch_size")
+    test_set = splits.test
+    if cfg.eval.limit is not None and cfg.eval.limit < len(test_set):
+        test_set = Subset(test_set, range(cfg.eval.limit))
 
+    optimizer = make_optimizer(named, tc)
+    total_steps = steps_per_epoch * tc.epochs
+    scheduler = make_scheduler(optimizer, tc, total_steps)
+    ema = ParameterEMA(params, tc.ema_decay) if tc.ema_decay else None
+    scaler = LossScaler() if tc.precision == "fp16" else None
     objective = build_objective(cfg.objective.kind, cfg.attack)
     c = cfg.combiner
     combiner = make_combiner(
@@ -270,109 +344,316 @@ def train(
     eval_eps = cfg.attack.eps if cfg.eval.eps is None else cfg.eval.eps
     eval_alpha = eval_eps / 4 if cfg.eval.alpha is None else cfg.eval.alpha
 
+    run = _Run(cfg, output_dir, accelerator, model)
+    metrics_offset = None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, named, rank)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
+        for key in ("step", "epoch", "step_in_epoch", "skipped", "consecutive_nonfinite"):
+            setattr(run, key, state[key])
+        run.best, run.epochs_since_best = state["best"], state["epochs_since_best"]
+        if run.best:
+            run.best["weights"] = state["best_weights"]
+        metrics_offset = state["metrics_offset"]
+
     if is_main:
-        _make_run_dir(output_dir, overwrite)
-        save_config(cfg, output_dir / "config.yaml")
+        if checkpoint is None:
+            _make_run_dir(output_dir, overwrite and not resume)
+            save_config(cfg, output_dir / "config.yaml")
+        elif not (output_dir / "metrics.jsonl").exists():
+            metrics_offset = None
     accelerator.wait_for_everyone()
-    log = MetricsLog(output_dir / "metrics.jsonl" if is_main else None)
+    log = MetricsLog(output_dir / "metrics.jsonl" if is_main else None, truncate_at=metrics_offset)
+    if cfg.train.log_with:
+        accelerator.init_trackers("caat-peft", config=_flat_hparams(cfg))
+
+    def write_row(row: dict[str, Any]) -> None:
+        layers = row.pop("layers", None)
+        log.write(row)
+        if layers is not None:
+            log.write({"type": "layers", "step": row["step"], "cos": layers})
+        if cfg.train.log_with:
+            accelerator.log(tracker_scalars(row), step=row["step"])
+
+    def run_eval(dataset: Dataset, steps: int, seed_offset: int) -> dict[str, float]:
+        return evaluate(
+            model,
+            dataset,
+            accelerator,
+            eps=eval_eps,
+            alpha=eval_alpha,
+            steps=steps,
+            norm=cfg.attack.norm,
+            seed=tc.seed + seed_offset,
+            batch_size=cfg.eval.batch_size,
+            num_workers=cfg.data.num_workers,
+        )
+
+    def checkpoint_state() -> dict[str, Any]:
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "metrics_offset": log.offset,
+            "best": {k: v for k, v in run.best.items() if k != "weights"},
+            "best_weights": run.best.get("weights"),
+            "epochs_since_best": run.epochs_since_best,
+        }
+        for key in ("step", "epoch", "step_in_epoch", "skipped", "consecutive_nonfinite"):
+            state[key] = getattr(run, key)
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        return state
 
     start = time.perf_counter()
-    step, skipped = 0, 0
-    last_eval: dict[str, float] = {}
-    bar = tqdm(total=total_steps, disable=not (progress and is_main), desc="train", leave=False)
-    local_batch = cfg.train.batch_size // world
+    bar = tqdm_bar(total_steps, run.step, progress and is_main)
     try:
-        for epoch in range(1, cfg.train.epochs + 1):
-            for x, y in train_loader:
-                init_delta = None
-                if not clean_only and cfg.attack.random_start:
-                    # Drawn for the whole global batch from a per-step seed, then sliced: every
-                    # process count sees the same random starts for the same images.
-                    gen = torch.Generator(device=x.device).manual_seed(
-                        cfg.train.seed * 1_000_003 + step
-                    )
-                    full = sample_random_start(
-                        (cfg.train.batch_size, *x.shape[1:]),
-                        cfg.attack.eps,
-                        cfg.attack.norm,
-                        generator=gen,
-                        device=x.device,
-                        dtype=x.dtype,
-                    )
-                    rank = accelerator.process_index
-                    init_delta = full[rank * local_batch : (rank + 1) * local_batch]
+        while run.epoch <= tc.epochs and not run.stopped_early:
+            sampler.set_epoch(run.epoch, start=run.step_in_epoch * tc.grad_accum_steps)
+            batches = iter(train_loader)
+            while run.step_in_epoch < steps_per_epoch:
+                micro_batches = _next_micro_batches(
+                    batches, run.step, cfg, accelerator, clean_only, micro_global
+                )
                 result = training_step(
                     model,
                     params,
                     objective,
                     combiner,
                     optimizer,
-                    x,
-                    y,
+                    micro_batches,
                     reduce=reduce,
-                    grad_clip=cfg.train.grad_clip,
+                    grad_clip=tc.grad_clip,
                     clean_only=clean_only,
-                    init_delta=init_delta,
+                    precision=tc.precision,
+                    scaler=scaler,
+                    param_names=[n for n, _ in named],
+                    layer_conflict=bool(tc.layer_conflict_every)
+                    and (run.step + 1) % tc.layer_conflict_every == 0,
                 )
-                step += 1
+                run.step += 1
+                run.step_in_epoch += 1
                 if result.skipped:
-                    skipped += 1
+                    run.skipped += 1
+                    run.consecutive_nonfinite += 1
+                    if run.consecutive_nonfinite >= tc.max_nonfinite_steps:
+                        raise UserError(
+                            f"{run.consecutive_nonfinite} consecutive steps had non-finite "
+                            "losses or gradients and were skipped; lower train.lr, set "
+                            "train.grad_clip, or use train.precision=fp32"
+                        )
                 else:
+                    run.consecutive_nonfinite = 0
                     scheduler.step()
-                if step % cfg.train.log_every == 0 or result.skipped:
-                    row = {"type": "step", "epoch": epoch, "step": step, "skipped": result.skipped}
-                    row["lr"] = optimizer.param_groups[0]["lr"]
+                    if ema is not None:
+                        ema.update()
+                if run.step % tc.log_every == 0 or result.skipped or "layers" in result.stats:
+                    row = {"type": "step", "epoch": run.epoch, "step": run.step}
+                    row.update(skipped=result.skipped, lr=optimizer.param_groups[0]["lr"])
                     row.update(result.stats)
-                    log.write(row)
+                    write_row(row)
                 bar.update(1)
                 bar.set_postfix(_postfix(result.stats), refresh=False)
-
-            last_epoch = epoch == cfg.train.epochs
-            every = cfg.eval.every
-            if last_epoch or (every and epoch % every == 0):
-                last_eval = evaluate(
-                    model,
-                    eval_loader,
-                    accelerator,
-                    eps=eval_eps,
-                    alpha=eval_alpha,
-                    steps=cfg.eval.steps,
-                    norm=cfg.attack.norm,
-                    seed=cfg.train.seed,
-                )
-                row = {"type": "epoch", "epoch": epoch, "step": step, **last_eval}
-                row["seconds"] = round(time.perf_counter() - start, 3)
-                log.write(row)
-                if is_main and progress:
-                    tqdm.write(
-                        f"epoch {epoch}: clean acc {last_eval['clean_acc']:.3f}, "
-                        f"PGD-{cfg.eval.steps} acc {last_eval['robust_acc']:.3f}"
+                if tc.save_every and run.step % tc.save_every == 0:
+                    save_checkpoint(
+                        output_dir,
+                        run.step,
+                        named,
+                        checkpoint_state(),
+                        keep=tc.keep_checkpoints,
+                        rank=rank,
+                        is_main=is_main,
+                        barrier=accelerator.wait_for_everyone,
                     )
+            _end_of_epoch(run, splits.val, test_set, run_eval, write_row, ema, named, start)
+            run.epoch += 1
+            run.step_in_epoch = 0
     finally:
         bar.close()
-        log.close()
 
-    seconds = time.perf_counter() - start
-    final = {
-        "clean_acc": last_eval["clean_acc"],
-        "robust_acc": last_eval["robust_acc"],
-        "eval_n": last_eval["n"],
-        "eval_attack": f"pgd{cfg.eval.steps}-{cfg.attack.norm}",
-        "eval_eps": eval_eps,
-        "epochs": cfg.train.epochs,
-        "steps": step,
-        "skipped_steps": skipped,
-        "seconds": round(seconds, 3),
-        "num_processes": world,
-        "trainable_parameters": sum(p.numel() for p in params),
-    }
+    final = _finish(run, model, named, ema, test_set, run_eval, start, params)
+    log.close()
+    if cfg.train.log_with:
+        accelerator.end_training()
     if is_main:
-        save_trainable(model.net, output_dir / "adapter")
+        _save_model(model, ema, output_dir / "adapter")
         atomic_write_text(output_dir / "final.json", json.dumps(final, indent=2) + "\n")
+        if tc.plots:
+            plot_conflict(output_dir / "metrics.jsonl", output_dir / "conflict.png")
     accelerator.wait_for_everyone()
     return TrainResult(run_dir=output_dir, final=final, model=model, is_main_process=is_main)
 
 
+def tqdm_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", leave=False)
+
+
+def _resume_point(cfg: Config, output_dir: Path) -> Path | None:
+    """The newest complete checkpoint of the run in ``output_dir`` (None: start it afresh)."""
+    if not (output_dir / "config.yaml").is_file():
+        raise UserError(f"nothing to resume in {output_dir} (no config.yaml); drop --resume")
+    saved = load_config(output_dir / "config.yaml")
+    difference = _first_difference(to_dict(cfg), to_dict(saved))
+    if difference is not None:
+        raise UserError(
+            f"the config differs from the run being resumed ({difference}); resume with the "
+            "same config or start a new run"
+        )
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def _next_micro_batches(
+    batches: Iterator,
+    step: int,
+    cfg: Config,
+    accelerator: Accelerator,
+    clean_only: bool,
+    micro_global: int,
+) -> list[MicroBatch]:
+    """The micro-batches of one optimiser step, with this process's slice of the random start.
+
+    The start is drawn for the whole global batch from a per-step seed and sliced, so every
+    process count sees the same starts for the same images.
+    """
+    device = accelerator.device
+    local = micro_global // accelerator.num_processes
+    with_start = not clean_only and cfg.attack.random_start
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)
+    full = None  # drawn once the image shape is known
+    out = []
+    for m in range(cfg.train.grad_accum_steps):
+        x, y = next(batches)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        init_delta = None
+        if with_start:
+            if full is None:
+                shape = (cfg.train.batch_size, *x.shape[1:])
+                full = sample_random_start(
+                    shape,
+                    cfg.attack.eps,
+                    cfg.attack.norm,
+                    generator=gen,
+                    device=device,
+                    dtype=x.dtype,
+                )
+            first = m * micro_global + accelerator.process_index * local
+            init_delta = full[first : first + local]
+        out.append(MicroBatch(x, y, init_delta))
+    return out
+
+
+def _end_of_epoch(run: _Run, val_set, test_set, run_eval, write_row, ema, named, start) -> None:
+    """Validation (model selection, early stopping) and the held-out curve."""
+    cfg = run.cfg
+    row: dict[str, Any] = {"type": "epoch", "epoch": run.epoch, "step": run.step}
+    if ema is not None:
+        ema.swap()
+    try:
+        if val_set is not None:
+            val = run_eval(val_set, cfg.eval.select_steps, seed_offset=1)
+            row.update(val_clean_acc=val["clean_acc"], val_robust_acc=val["robust_acc"])
+            if not run.best or val["robust_acc"] > run.best["val_robust_acc"]:
+                run.best = {
+                    "epoch": run.epoch,
+                    "step": run.step,
+                    "val_clean_acc": val["clean_acc"],
+                    "val_robust_acc": val["robust_acc"],
+                    "weights": [p.detach().clone().cpu() for _, p in named],
+                }
+                run.epochs_since_best = 0
+                if run.accelerator.is_main_process:
+                    # EMA weights are swapped in already, so save what is live.
+                    _save_model(run.model, None, run.output_dir / "best_adapter")
+            else:
+                run.epochs_since_best += 1
+            patience = cfg.train.early_stop_patience
+            if patience is not None and run.epochs_since_best >= patience:
+                run.stopped_early = True
+        last_epoch = run.epoch == cfg.train.epochs or run.stopped_early
+        every = cfg.eval.every
+        if last_epoch or (every and run.epoch % every == 0):
+            run.last_eval = run_eval(test_set, cfg.eval.steps, seed_offset=0)
+            row.update(clean_acc=run.last_eval["clean_acc"], robust_acc=run.last_eval["robust_acc"])
+    finally:
+        if ema is not None:
+            ema.swap()
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    if len(row) > 4:
+        write_row(row)
+        if run.accelerator.is_main_process and "robust_acc" in row:
+            from tqdm.auto import tqdm
+
+            tqdm.write(
+                f"epoch {run.epoch}: held-out clean acc {row['clean_acc']:.3f}, "
+                f"PGD-{cfg.eval.steps} acc {row['robust_acc']:.3f}"
+            )
+
+
+def _save_model(model: nn.Module, ema: ParameterEMA | None, directory: Path) -> None:
+    """Save the trainable modules (EMA weights when enabled) atomically into ``directory``."""
+    if ema is not None:
+        ema.swap()
+    try:
+        tmp = directory.with_name(f".{directory.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_trainable(model.net, tmp)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    finally:
+        if ema is not None:
+            ema.swap()
+
+
+def _finish(run: _Run, model, named, ema, test_set, run_eval, start, params) -> dict[str, Any]:
+    cfg = run.cfg
+    if not run.last_eval:  # resumed after the last epoch's evaluation was logged
+        if ema is not None:
+            ema.swap()
+        run.last_eval = run_eval(test_set, cfg.eval.steps, seed_offset=0)
+        if ema is not None:
+            ema.swap()
+    final: dict[str, Any] = {
+        "clean_acc": run.last_eval["clean_acc"],
+        "robust_acc": run.last_eval["robust_acc"],
+        "eval_n": run.last_eval["n"],
+        "eval_attack": f"pgd{cfg.eval.steps}-{cfg.attack.norm}",
+        "eval_eps": cfg.attack.eps if cfg.eval.eps is None else cfg.eval.eps,
+        "epochs": run.epoch - 1,
+        "steps": run.step,
+        "skipped_steps": run.skipped,
+        "stopped_early": run.stopped_early,
+        "seconds": round(time.perf_counter() - start, 3),
+        "num_processes": run.accelerator.num_processes,
+        "trainable_parameters": sum(p.numel() for p in params),
+    }
+    if run.best and run.best.get("weights") is not None:
+        # The selected model, scored on the held-out split once, after training.
+        live = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, w in zip(params, run.best["weights"]):
+                p.copy_(w)
+        best_test = run_eval(test_set, cfg.eval.steps, seed_offset=0)
+        with torch.no_grad():
+            for p, w in zip(params, live):
+                p.copy_(w)
+        final["best"] = {
+            **{k: v for k, v in run.best.items() if k != "weights"},
+            "clean_acc": best_test["clean_acc"],
+            "robust_acc": best_test["robust_acc"],
+        }
+    return final
+
+
 def _postfix(stats: dict[str, Any]) -> dict[str, str]:
-    keys = ("loss_clean", "loss_adv", "cos", "mu", "lambda_eff")
+    keys = ("loss_clean", "loss_adv", "acc_clean", "acc_adv", "cos", "mu", "lambda_eff")
     return {k: f"{stats[k]:.3g}" for k in keys if k in stats}
