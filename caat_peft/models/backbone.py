@@ -1,139 +1,161 @@
-"""timm backbones built from config, and safe loading of the checkpoints users bring.
+"""Backbones from config: registry entries, any timm model, or ``transformers`` ViT / Swin.
 
-Robust checkpoints usually come as raw state dicts (``.pth``) or safetensors files. They are
-loaded without executing pickled code (``torch.load(weights_only=True)``), unwrapped from the
-usual containers and key prefixes, and matched against the architecture; a classification head
-whose shape differs (a new ``num_classes``) is left at its fresh initialisation.
+``model.name`` is resolved in this order:
+
+1. ``hf:<repo or type>``: a ``transformers`` image classifier (see :mod:`.hf`);
+2. a registry entry or alias (``ares_swin_base``, ``Liu2023Comprehensive_Swin-B``…): its timm
+   architecture (plus a conv stem for ConvStem models) and its own preprocessing;
+3. any timm model name (``pretrained: true`` downloads timm's hub weights when online).
+
+``model.checkpoint`` (a file, a timm / HF model folder, or a URL) is loaded safely on top; a new
+``num_classes`` leaves the head freshly initialised, anything else that does not fit is a
+:class:`~caat_peft.errors.UserError` listing the missing / unexpected keys.
 """
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from caat_peft.config import ModelConfig
 from caat_peft.errors import UserError
+from caat_peft.models.checkpoints import (
+    check_normalizer,
+    clean_state_dict,
+    load_state_dict_file,
+    load_weights_into,
+    read_hub_config,
+)
+from caat_peft.models.convstem import STEMS
+from caat_peft.models.download import fetch, is_url
+from caat_peft.models.hf import build_hf_backbone, build_hf_config, hf_preprocessing, is_hf_name
+from caat_peft.models.registry import BackboneSpec, get_spec
 
-# Containers some training scripts wrap the state dict in, and prefixes they add to keys.
-_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module")
-_KEY_PREFIXES = ("module.", "model.", "backbone.")
+__all__ = [
+    "build_backbone",
+    "load_state_dict_file",
+    "load_weights_into",
+    "preprocessing_for_config",
+    "preprocessing_of",
+]
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """Load a state dict from safetensors or a weights-only torch file; refuse pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path} (set model.checkpoint to a weights file)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises several types for corrupt headers
-            raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+def _create_timm(arch: str, cfg: ModelConfig, pretrained: bool, **extra: Any) -> nn.Module:
     try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UserError(
-            f"{path}: refused to load, the file holds more than tensors (pickled code or "
-            f"objects: {str(exc).splitlines()[0][:120]}); convert it to safetensors or a plain "
-            "state dict"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"{path}: not a readable checkpoint ({exc})") from None
-    for key in _CONTAINER_KEYS:
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise UserError(f"{path}: expected a state dict of tensors")
-    return obj
-
-
-def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    for prefix in _KEY_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def load_weights_into(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load ``state`` into ``model``: heads of another shape are re-initialised, the rest must fit."""
-    state = _strip_prefixes(state)
-    own = model.state_dict()
-    reinit = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    head_prefix = str(model.pretrained_cfg.get("classifier", "head"))
-    not_head = [k for k in reinit if not k.startswith(head_prefix)]
-    if not_head:
-        details = ", ".join(
-            f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in not_head
-        )
-        raise UserError(
-            f"{source}: shapes do not match the architecture ({details[:300]}); "
-            "check model.name and model.kwargs"
-        )
-    state = {k: v for k, v in state.items() if k not in reinit}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(head_prefix)]
-    if missing or unexpected:
-        raise UserError(
-            f"{source}: does not fit model '{model.pretrained_cfg.get('architecture')}' "
-            f"(missing keys: {missing[:8]}, unexpected keys: {unexpected[:8]}); "
-            "check model.name and model.kwargs"
-        )
-
-
-def build_backbone(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """Build a timm model with a ``num_classes`` head and load ``cfg.checkpoint`` if given."""
-    try:
-        model = timm.create_model(
-            cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, **cfg.kwargs
-        )
+        return timm.create_model(arch, pretrained=pretrained, **extra, **cfg.kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise UserError(
-                f"model.name = {cfg.name!r} is not a timm model (see timm.list_models())"
+                f"model.name = {cfg.name!r} is not a timm model, a registry entry or hf:<repo> "
+                "(see timm.list_models() and caat_peft.models.list_backbones())"
             ) from None
         raise
-    except TypeError as exc:
-        raise UserError(f"model.kwargs not accepted by {cfg.name}: {exc}") from None
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise UserError(f"model.kwargs not accepted by {arch}: {exc}") from None
+
+
+def _timm_backbone(cfg: ModelConfig, spec: BackboneSpec | None, num_classes: int) -> nn.Module:
+    """The timm model of ``cfg`` (registry architecture, conv stem) before any checkpoint."""
+    arch = spec.arch if spec is not None else cfg.name
+    timm_pretrained = cfg.pretrained and spec is None and not cfg.checkpoint
+    model = _create_timm(arch, cfg, timm_pretrained, num_classes=num_classes)
+    if spec is not None and spec.stem is not None:
+        model = STEMS[spec.stem](model, **spec.stem_kwargs)
+    return model
+
+
+def checkpoint_path(cfg: ModelConfig, spec: BackboneSpec | None) -> str | None:
+    """The local weights to load: the user's file / folder, a fetched URL, or None."""
     if cfg.checkpoint:
-        load_weights_into(model, load_state_dict_file(cfg.checkpoint), str(cfg.checkpoint))
+        return str(fetch(cfg.checkpoint)) if is_url(cfg.checkpoint) else cfg.checkpoint
+    if spec is not None and cfg.pretrained:
+        if spec.url is None:
+            raise UserError(
+                f"{spec.name} has no direct download; get the file from {spec.page} and set "
+                "model.checkpoint to it"
+            )
+        return str(fetch(spec.url))
+    return None
+
+
+def build_backbone(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """Build ``cfg``'s model with a ``num_classes`` head and load its checkpoint, if any."""
+    if is_hf_name(cfg.name):
+        if is_url(cfg.checkpoint):
+            cfg = ModelConfig(**{**cfg.__dict__, "checkpoint": str(fetch(cfg.checkpoint))})
+        return build_hf_backbone(cfg, num_classes)
+    spec = get_spec(cfg.name)
+    model = _timm_backbone(cfg, spec, num_classes)
+    path = checkpoint_path(cfg, spec)
+    if path is not None:
+        state = load_state_dict_file(path)
+        _, normalizer = clean_state_dict(state)
+        pre = preprocessing_of(model, cfg)
+        explicit = cfg.mean is not None and cfg.std is not None
+        check_normalizer(normalizer, pre["mean"], pre["std"], str(path), explicit)
+        load_weights_into(model, state, str(path))
     return model
 
 
 def preprocessing_for_config(cfg: ModelConfig) -> dict[str, Any]:
     """The preprocessing of ``cfg``'s model without building its weights (meta device)."""
+    if is_hf_name(cfg.name):
+        return hf_preprocessing(cfg, build_hf_config(cfg))
+    spec = get_spec(cfg.name)
     with torch.device("meta"):
-        try:
-            model = timm.create_model(cfg.name, pretrained=False, **cfg.kwargs)
-        except RuntimeError as exc:
-            if "Unknown model" in str(exc):
-                raise UserError(
-                    f"model.name = {cfg.name!r} is not a timm model (see timm.list_models())"
-                ) from None
-            raise
-        except TypeError as exc:
-            raise UserError(f"model.kwargs not accepted by {cfg.name}: {exc}") from None
+        model = _create_timm(spec.arch if spec else cfg.name, cfg, False)
     return preprocessing_of(model, cfg)
 
 
 def preprocessing_of(model: nn.Module, cfg: ModelConfig) -> dict[str, Any]:
-    """The model's own preprocessing (timm data config), with the config's overrides applied."""
+    """The model's own preprocessing as a timm-style data config.
+
+    Precedence, lowest first: the architecture's default (timm ``pretrained_cfg`` or the
+    transformers processor), the registry entry, a timm hub folder's ``config.json``, then
+    ``model.mean`` / ``model.std``. The input size follows the resolution the model was built at.
+    """
     from timm.data import resolve_data_config
 
-    pre = dict(resolve_data_config({}, model=model))
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    if img_size is not None:  # a model built at another resolution than its pretrained config
-        pre["input_size"] = (3, *tuple(img_size))
+    from caat_peft.models.targets import is_transformers_model, unwrap
+
+    model = unwrap(model)
+    if is_transformers_model(model):
+        pre = hf_preprocessing(cfg, model.config)
+    else:
+        pre = dict(resolve_data_config({}, model=model))
+        spec = get_spec(cfg.name)
+        if spec is not None:
+            pre.update(spec.preprocessing())
+        hub = _hub_pretrained_cfg(cfg)
+        pre.update({k: hub[k] for k in _PRE_KEYS if k in hub})
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if img_size is not None:  # built at another resolution than the checkpoint's default
+            pre["input_size"] = (3, *tuple(img_size))
+    pre["input_size"] = tuple(pre["input_size"])
     if cfg.mean is not None:
         pre["mean"] = tuple(cfg.mean)
     if cfg.std is not None:
         pre["std"] = tuple(cfg.std)
+    pre["mean"], pre["std"] = tuple(pre["mean"]), tuple(pre["std"])
     return pre
+
+
+_PRE_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def _hub_pretrained_cfg(cfg: ModelConfig) -> dict[str, Any]:
+    """``pretrained_cfg`` of a timm hub folder given as ``model.checkpoint``, else {}."""
+    if not cfg.checkpoint or is_url(cfg.checkpoint) or not Path(cfg.checkpoint).is_dir():
+        return {}
+    config = read_hub_config(cfg.checkpoint) or {}
+    pre = config.get("pretrained_cfg", {})
+    if not isinstance(pre, dict):
+        return {}
+    out = dict(pre)
+    if "input_size" in out:
+        out["input_size"] = tuple(out["input_size"])
+    return out

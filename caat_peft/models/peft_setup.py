@@ -1,64 +1,129 @@
-"""Which parameters train: LoRA through ``peft``, the head only, or everything.
+"""Which parameters train, and the artefacts a run leaves: adapters, merged models.
 
-Everything not selected is frozen, so ``trainable_parameters`` is exactly θ of the method.
+One generic path covers every peft method that adapts Linear layers (LoRA, IA³, LoHa, LoKr,
+VeRA) and the bottleneck adapter: the method's peft config is built from ``PeftConfig``, the
+targets come from an anchored-regex preset of the model family (or ``peft.target_modules``), and
+the new head is a ``modules_to_save`` module, trainable in every method. ``head`` (linear probe)
+and ``full`` (full fine-tuning) are the baselines. Everything not selected is frozen, so
+:func:`trainable_parameters` is exactly θ of the method.
 """
 
 from __future__ import annotations
 
-import re
+import copy
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from caat_peft.config import PeftConfig
 from caat_peft.errors import UserError
+from caat_peft.models.targets import (
+    AUTO_PRESET,
+    DEFAULT_PRESET,
+    family_of,
+    head_names,
+    matching_modules,
+    preset_regex,
+    unwrap,
+)
+
+LINEAR_METHODS = ("lora", "ia3", "loha", "lokr", "vera", "adapter")
+MERGEABLE_METHODS = ("lora", "ia3", "loha", "lokr", "vera")
 
 
-def apply_peft(model: nn.Module, cfg: PeftConfig, head_name: str) -> nn.Module:
-    """Attach the PEFT method of ``cfg`` and freeze the rest; return the model to train."""
+def resolve_target_modules(model: nn.Module, cfg: PeftConfig) -> str | list[str]:
+    """``peft.target_modules`` when given, else the regex of preset ``peft.targets``."""
+    if cfg.target_modules is not None:
+        return cfg.target_modules
+    preset = AUTO_PRESET.get(cfg.method, DEFAULT_PRESET) if cfg.targets == "auto" else cfg.targets
+    return preset_regex(model, preset)
+
+
+def peft_config_for(model: nn.Module, cfg: PeftConfig, heads: list[str]) -> Any:
+    """The peft config object of ``cfg.method`` for ``model`` (targets checked, head saved)."""
+    import peft
+
+    from caat_peft.models.adapter import BottleneckAdapterConfig
+
+    targets = resolve_target_modules(model, cfg)
+    if not matching_modules(model, targets):
+        where = "peft.target_modules" if cfg.target_modules is not None else "peft.targets"
+        raise UserError(
+            f"{where} = {cfg.target_modules if cfg.target_modules is not None else cfg.targets!r}"
+            f" matches no layer of the model (peft.target_modules takes a regex over module "
+            r"names such as '(.*\.)?blocks\.\d+\.(attn\.qkv|mlp\.fc1|mlp\.fc2)')"
+        )
+    common: dict[str, Any] = {
+        "target_modules": targets,
+        "modules_to_save": list(heads) if cfg.train_head else None,
+    }
+    method = cfg.method
+    if method == "lora":
+        config_cls, kwargs = peft.LoraConfig, {"r": cfg.r, "lora_alpha": cfg.alpha}
+        kwargs["lora_dropout"] = cfg.dropout
+    elif method in ("loha", "lokr"):
+        config_cls = peft.LoHaConfig if method == "loha" else peft.LoKrConfig
+        kwargs = {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": cfg.dropout}
+    elif method == "vera":
+        config_cls, kwargs = peft.VeraConfig, {"r": cfg.r, "vera_dropout": cfg.dropout}
+    elif method == "ia3":
+        # IA³ scales the *input* of feed-forward layers (the MLP's second projection) and the
+        # output of the others; peft needs to know which are which.
+        config_cls, kwargs = peft.IA3Config, {"feedforward_modules": _ia3_feedforward(model)}
+    elif method == "adapter":
+        config_cls = BottleneckAdapterConfig
+        kwargs = {
+            "reduction": cfg.reduction,
+            "bottleneck_dim": cfg.bottleneck_dim,
+            "activation": cfg.activation,
+            "scaling": cfg.scaling,
+            "learnable_scaling": cfg.learnable_scaling,
+            "dropout": cfg.dropout,
+        }
+    else:
+        raise UserError(f"peft.method = {method!r} does not use peft (use one of {LINEAR_METHODS})")
+    kwargs = {**common, **kwargs, **cfg.options}
+    try:
+        return config_cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(
+            f"peft.options / peft settings not accepted by {config_cls.__name__}: {exc}"
+        ) from None
+
+
+def _ia3_feedforward(model: nn.Module) -> str:
+    if family_of(model) is None:
+        return r"$^"  # matches nothing: every target scales its output
+    return preset_regex(model, "fc2")
+
+
+def apply_peft(model: nn.Module, cfg: PeftConfig, head_name: str | None = None) -> nn.Module:
+    """Attach the PEFT method of ``cfg`` and freeze the rest; return the model to train.
+
+    ``head_name`` (kept for callers of the first version) defaults to the model's own head(s).
+    """
+    heads = [head_name] if head_name else head_names(model)
     if cfg.method == "full":
         model.requires_grad_(True)
         return model
     if cfg.method == "head":
         model.requires_grad_(False)
-        model.get_submodule(head_name).requires_grad_(True)
+        for name in heads:
+            model.get_submodule(name).requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    if not matching_modules(model, cfg.target_modules):
-        raise UserError(
-            f"peft.target_modules = {cfg.target_modules!r} matches no layer of the model; "
-            "give a regex over module names such as "
-            r"'(.*\.)?blocks\.\d+\.(attn\.qkv|mlp\.fc1|mlp\.fc2)'"
-        )
-    lora = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
-        modules_to_save=[head_name] if cfg.train_head else None,
-    )
-    return get_peft_model(model, lora)
+    import caat_peft.models.adapter  # noqa: F401  (registers the bottleneck adapter)
 
-
-def matching_modules(model: nn.Module, target: str | list[str]) -> list[str]:
-    """Module names peft will adapt: a string is a full-match regex, a list matches name
-    suffixes (so ``["proj"]`` also hits ``patch_embed.proj``: prefer an anchored regex)."""
-    names = [name for name, module in model.named_modules() if name and _is_leaf_linear(module)]
-    if isinstance(target, str):
-        try:
-            pattern = re.compile(target)
-        except re.error as exc:
-            raise UserError(
-                f"peft.target_modules = {target!r} is not a valid regex ({exc})"
-            ) from None
-        return [n for n in names if pattern.fullmatch(n)]
-    return [n for n in names if any(n == t or n.endswith("." + t) for t in target)]
-
-
-def _is_leaf_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d))
+    config = peft_config_for(model, cfg, heads)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # peft's own checks of the config against the model
+        raise UserError(f"peft.method = {cfg.method}: {str(exc).splitlines()[0][:200]}") from None
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -66,8 +131,50 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+@dataclass(frozen=True)
+class TrainableSummary:
+    """What trains: parameter names, their count, and their share of all parameters."""
+
+    names: list[str]
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable parameters: {self.trainable:,} of {self.total:,} "
+            f"({100 * self.share:.3f}%) in {len(self.names)} tensors"
+        )
+
+
+def trainable_summary(model: nn.Module) -> TrainableSummary:
+    """Names, count and share of the trainable parameters (PEFT modules + head)."""
+    named = trainable_parameters(model)
+    total = sum(p.numel() for p in model.parameters())
+    return TrainableSummary([n for n, _ in named], sum(p.numel() for _, p in named), total)
+
+
+# --------------------------------------------------------------------------------------------
+# Artefacts
+
+
+def _net(model: nn.Module) -> nn.Module:
+    """The network inside a PixelClassifier (or ``model`` itself)."""
+    from caat_peft.models.wrapper import PixelClassifier
+
+    return model.net if isinstance(model, PixelClassifier) else model
+
+
 def save_trainable(net: nn.Module, directory: str | Path) -> None:
-    """Save what was trained: a peft adapter (``save_pretrained``) or the trainable tensors."""
+    """Save what was trained: a peft adapter (``save_pretrained``) or the trainable tensors.
+
+    A peft adapter folder holds ``adapter_config.json`` + ``adapter_model.safetensors`` (the PEFT
+    modules and the new head only: megabytes); it loads with ``PeftModel.from_pretrained``.
+    """
+    net = _net(net)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if hasattr(net, "save_pretrained") and hasattr(net, "peft_config"):
@@ -79,17 +186,130 @@ def save_trainable(net: nn.Module, directory: str | Path) -> None:
     save_file(tensors, str(directory / "trainable.safetensors"))
 
 
+save_adapter = save_trainable
+
+
+def load_adapter(base: nn.Module, directory: str | Path, *, trainable: bool = False) -> nn.Module:
+    """``base`` with the trained modules of ``directory`` (a run's ``adapter/``) attached.
+
+    A peft folder goes through ``PeftModel.from_pretrained`` (any registered method, the
+    bottleneck adapter included); ``trainable.safetensors`` (head / full runs) is loaded in place.
+    """
+    directory = Path(directory)
+    base = _net(base)
+    if (directory / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        import caat_peft.models.adapter  # noqa: F401  (registers the bottleneck adapter)
+
+        try:
+            net = PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(
+                f"{directory}: adapter does not fit the model ({str(exc).splitlines()[0][:160]}); "
+                "was it trained with another model.name?"
+            ) from None
+        _check_adapter_keys(net, directory)
+        return net
+    if (directory / "trainable.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(directory / "trainable.safetensors"))
+        own = base.state_dict()
+        wrong = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
+        if wrong:
+            raise UserError(
+                f"{directory}: tensors do not fit the model ({wrong[:5]}); "
+                "was it trained with another model.name?"
+            )
+        base.load_state_dict(tensors, strict=False)
+        return base
+    raise UserError(
+        f"{directory}: no adapter_config.json or trainable.safetensors "
+        "(point --adapter at a run's adapter/ folder)"
+    )
+
+
+def _check_adapter_keys(net: nn.Module, directory: Path) -> None:
+    """peft loads adapter files with ``strict=False``: an adapter saved for another architecture
+    would leave the PEFT modules at their initialisation without a word. Compare the keys."""
+    from peft.utils import get_peft_model_state_dict
+
+    weights = directory / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as fh:
+        saved = set(fh.keys())
+    expected = set(get_peft_model_state_dict(net))
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        raise UserError(
+            f"{directory}: adapter does not fit the model ({len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}); was it trained "
+            "with another model.name or model.kwargs?"
+        )
+
+
 def unwrap_base(net: nn.Module) -> nn.Module:
-    """The plain timm model under a peft wrapper (or ``net`` itself)."""
-    get_base = getattr(net, "get_base_model", None)
-    return get_base() if callable(get_base) else net
+    """The plain backbone under a peft wrapper (or ``net`` itself)."""
+    return unwrap(_net(net))
+
+
+def _peft_types(net: nn.Module) -> list[str]:
+    configs = getattr(net, "peft_config", {}) or {}
+    return [getattr(getattr(c, "peft_type", None), "value", "") for c in configs.values()]
+
+
+def merged_net(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with LoRA-like modules merged into the base weights and the head
+    unwrapped: the plain backbone architecture. The bottleneck adapter cannot be merged."""
+    from caat_peft.models.adapter import PEFT_TYPE_NAME
+
+    net = _net(net)
+    if not hasattr(net, "merge_and_unload"):
+        return copy.deepcopy(net)
+    if PEFT_TYPE_NAME in _peft_types(net):
+        raise UserError(
+            "the bottleneck adapter is non-linear and cannot be merged into the backbone; "
+            "keep the adapter folder and load it with PeftModel.from_pretrained"
+        )
+    return copy.deepcopy(net).merge_and_unload()
 
 
 @torch.no_grad()
 def merged_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
-    """A plain timm state dict with LoRA merged in (the format robust checkpoints come in)."""
-    if hasattr(net, "merge_and_unload"):
-        import copy
+    """A plain backbone state dict with LoRA-like modules merged in (the format robust
+    checkpoints come in)."""
+    merged = merged_net(net)
+    return {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
 
-        net = copy.deepcopy(net).merge_and_unload()
-    return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+
+def export_merged(model: nn.Module, path: str | Path) -> Path:
+    """Write the merged model as a safetensors state dict that timm (or transformers) loads.
+
+    The file's metadata records the preprocessing of a PixelClassifier (JSON values of mean, std,
+    input_size, interpolation, crop_pct), so the export carries what is needed to feed it.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path}: export_merged writes safetensors; name it *.safetensors")
+    state = merged_state_dict(model)
+    # Tied / shared tensors (e.g. none in timm ViTs) must be distinct for safetensors.
+    state = {k: v.clone() for k, v in state.items()}
+    metadata = {"format": "pt"}
+    info = getattr(model, "info", {}) or {}
+    pre = info.get("preprocessing")
+    if pre:
+        metadata.update({k: json.dumps(v) for k, v in pre.items() if k in _METADATA_KEYS})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+_METADATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")

@@ -15,7 +15,11 @@ from caat_peft.config import ModelConfig, PeftConfig
 
 
 class PixelClassifier(nn.Module):
-    """``net((x − mean) / std)`` for ``x`` in [0, 1]; ``net`` may be a peft model."""
+    """``net((x − mean) / std)`` for ``x`` in [0, 1]; ``net`` may be a peft model.
+
+    ``transformers`` models return an output object: its ``logits`` are returned, so that every
+    backbone looks the same to attacks and losses.
+    """
 
     def __init__(
         self, net: nn.Module, mean: Sequence[float], std: Sequence[float], **info: Any
@@ -27,7 +31,8 @@ class PixelClassifier(nn.Module):
         self.info = info  # preprocessing and provenance, for reports
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net((x - self.mean) / self.std)
+        out = self.net((x - self.mean) / self.std)
+        return out if isinstance(out, Tensor) else out.logits
 
 
 def build_classifier(
@@ -36,9 +41,18 @@ def build_classifier(
     """Backbone + checkpoint + PEFT modules, wrapped to take pixels in [0, 1]."""
     from caat_peft.models.backbone import build_backbone, preprocessing_of
     from caat_peft.models.peft_setup import apply_peft
+    from caat_peft.models.targets import head_names
 
     backbone = build_backbone(model_cfg, num_classes)
     pre = preprocessing_of(backbone, model_cfg)
-    head_name = str(backbone.pretrained_cfg.get("classifier", "head"))
-    net = apply_peft(backbone, peft_cfg, head_name)
-    return PixelClassifier(net, pre["mean"], pre["std"], preprocessing=pre, head=head_name)
+    heads = head_names(backbone)
+    net = apply_peft(backbone, peft_cfg)
+    return PixelClassifier(
+        net,
+        pre["mean"],
+        pre["std"],
+        preprocessing=pre,
+        head=heads[0],
+        model=model_cfg.name,
+        method=peft_cfg.method,
+    )

@@ -345,7 +345,7 @@ def train(
     eval_alpha = eval_eps / 4 if cfg.eval.alpha is None else cfg.eval.alpha
 
     run = _Run(cfg, output_dir, accelerator, model)
-    metrics_offset = None
+    metrics_offset = 0 if resume else None  # resuming with no checkpoint yet: start afresh
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, named, rank)
         optimizer.load_state_dict(state["optimizer"])
