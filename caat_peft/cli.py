@@ -1,4 +1,4 @@
-"""``caat-peft train | eval | demo``: the command line.
+"""``caat-peft train | eval | front | demo``: the command line.
 
 Mistakes a user can fix end with one line on stderr and exit code 2 (see ``errors.UserError``);
 anything else is a bug and keeps its traceback.
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_demo(sub)
     _add_eval(sub)
+    from caat_peft.front import add_front_parser
+
+    add_front_parser(sub)
     return parser
 
 
@@ -162,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        handler = {"train": _cmd_train, "demo": _cmd_demo, "eval": _cmd_eval}[args.command]
+        from caat_peft.front import cmd_front
+
+        handlers = {"train": _cmd_train, "demo": _cmd_demo, "eval": _cmd_eval, "front": cmd_front}
+        handler = handlers[args.command]
         return handler(args)
     except UserError as exc:
         print(f"caat-peft: error: {exc}", file=sys.stderr)
