@@ -53,6 +53,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", nargs="?", help="a finished run directory (config.yaml, adapter/)")
     p.add_argument("--config", help="a YAML config giving the model and data (instead of a run)")
+    p.add_argument("--model", help="model.name: a registry entry, timm name or hf:<repo>")
+    p.add_argument("--checkpoint", help="model.checkpoint: the backbone's weights file")
+    p.add_argument("--data", help="data.name: cub | dogs | folder | hf | digits")
+    p.add_argument("--data-root", help="data.root: the data folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--adapter", help="an adapter folder to attach (default: RUN_DIR/adapter)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="data split")
@@ -114,8 +118,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from caat_peft.models.backbone import preprocessing_for_config
     from caat_peft.models.loading import load_trained
 
+    shortcuts = {
+        "model.name": args.model,
+        "model.checkpoint": args.checkpoint,
+        "data.name": args.data,
+        "data.root": args.data_root,
+    }
+    args.overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + args.overrides
+    if args.run_dir is None and args.config is None and args.model is not None:
+        args.config = ""  # the defaults, with --model / --data on top
     if (args.run_dir is None) == (args.config is None):
-        raise UserError("give either a run directory or --config (see caat-peft eval --help)")
+        raise UserError(
+            "give either a run directory, --config or --model (see caat-peft eval --help)"
+        )
     if args.run_dir is not None:
         run_dir = Path(args.run_dir)
         if not (run_dir / "config.yaml").is_file():
@@ -124,10 +139,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         adapter = args.adapter or run_dir / "adapter"
         output_dir = Path(args.output_dir or run_dir / "eval")
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config or None, args.overrides)
         adapter = args.adapter
         if args.output_dir is None:
-            raise UserError("--output-dir is required with --config")
+            raise UserError("--output-dir is required with --config or --model")
         output_dir = Path(args.output_dir)
     splits = build_splits(cfg.data, preprocessing_for_config(cfg.model))
     data = splits.test if args.split == "test" else splits.val

@@ -103,3 +103,42 @@ def test_eval_on_a_run_directory(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "nowhere")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_eval_with_model_and_adapter_flags(tmp_path, capsys):
+    run = tmp_path / "run"
+    fast = ["--set", "train.epochs=1", "--set", "eval.limit=16", "--set", "eval.steps=1"]
+    assert main(["train", str(TINY_RECIPE), "--output-dir", str(run), "--no-progress", *fast]) == 0
+    kwargs = "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2}"
+    args = [
+        "eval",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--data",
+        "digits",
+        "--set",
+        kwargs,
+        "--set",
+        "data.classes=[0,1,2,3,4]",
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "peft.r=4",
+        "--adapter",
+        str(run / "adapter"),
+        "--attacks",
+        "fgsm",
+        "--eps",
+        "8/255",
+        "--limit",
+        "16",
+        "--budget",
+        "fast",
+        "--no-progress",
+        "--output-dir",
+        str(tmp_path / "ev"),
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    ours = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert ours["n_samples"] == 16
+    assert main(["eval", "--model", "vit_tiny_patch16_224"]) == 2  # no --output-dir
