@@ -176,6 +176,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(exc: UserError) -> str:
+    """The message itself. A UserError raised in a DataLoader worker comes back re-raised by
+    torch with the worker's traceback prepended; its last line is the original message."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    last = lines[-1]
+    for prefix in ("caat_peft.errors.UserError: ", "UserError: "):
+        if last.startswith(prefix):
+            return last[len(prefix) :]
+    return last
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -186,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = handlers[args.command]
         return handler(args)
     except UserError as exc:
-        print(f"caat-peft: error: {exc}", file=sys.stderr)
+        print(f"caat-peft: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("caat-peft: interrupted", file=sys.stderr)

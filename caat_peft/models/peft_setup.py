@@ -202,14 +202,24 @@ def load_adapter(base: nn.Module, directory: str | Path, *, trainable: bool = Fa
 
         import caat_peft.models.adapter  # noqa: F401  (registers the bottleneck adapter)
 
+        _check_adapter_config_fields(directory / "adapter_config.json")
         try:
             net = PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+            _check_adapter_keys(net, directory)
+        except UserError:
+            raise
         except (ValueError, KeyError, RuntimeError) as exc:
             raise UserError(
                 f"{directory}: adapter does not fit the model ({str(exc).splitlines()[0][:160]}); "
                 "was it trained with another model.name?"
             ) from None
-        _check_adapter_keys(net, directory)
+        except Exception as exc:  # pickled code, truncated safetensors: refuse, never crash
+            weights = sorted(p.name for p in directory.glob("adapter_model.*")) or ["weights"]
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+            raise UserError(
+                f"{directory / weights[0]}: unreadable adapter weights ({type(exc).__name__}: "
+                f"{reason}); save the adapter again as safetensors"
+            ) from None
         return net
     if (directory / "trainable.safetensors").is_file():
         from safetensors.torch import load_file
@@ -228,6 +238,37 @@ def load_adapter(base: nn.Module, directory: str | Path, *, trainable: bool = Fa
         f"{directory}: no adapter_config.json or trainable.safetensors "
         "(point --adapter at a run's adapter/ folder)"
     )
+
+
+def _check_adapter_config_fields(path: Path) -> None:
+    """peft ignores unknown fields of adapter_config.json with a warning, so a tampered or
+    foreign config would load as something else than what was saved: refuse it instead."""
+    import dataclasses
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable adapter config ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object (save the adapter again)")
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    import caat_peft.models.adapter  # noqa: F401  (registers the bottleneck adapter)
+
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(str(data.get("peft_type")))
+    if config_cls is None:
+        raise UserError(
+            f"{path}: unknown adapter peft_type {data.get('peft_type')!r} (not a peft method "
+            "that caat-peft knows)"
+        )
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(
+            f"{path}: unknown adapter config fields {unknown} for {data['peft_type']}; refusing "
+            "a config that would not load as saved"
+        )
 
 
 def _check_adapter_keys(net: nn.Module, directory: Path) -> None:

@@ -14,6 +14,8 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,22 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+@contextmanager
+def _writing(tmp: Path, final: Path) -> Iterator[None]:
+    """Turn a failed write (a full disk surfaces as OSError or RuntimeError) into one clear
+    line, leaving the previous checkpoints as they were."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(tmp.parent).free // 2**20
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise UserError(
+            f"cannot write checkpoint {final} ({reason}; {free} MiB free): free space, "
+            "then continue with --resume"
+        ) from None
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -94,16 +112,18 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-    _fsync_file(tmp / f"rng-{rank}.pt")
+    with _writing(tmp, final):
+        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+        _fsync_file(tmp / f"rng-{rank}.pt")
     barrier()
     if is_main:
         tensors = {n: p.detach().cpu().contiguous() for n, p in named_params}
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        for file in tmp.iterdir():
-            _fsync_file(file)
-        _fsync_dir(tmp)
+        with _writing(tmp, final):
+            save_file(tensors, str(tmp / "trainable.safetensors"))
+            torch.save(state, tmp / "state.pt")
+            for file in tmp.iterdir():
+                _fsync_file(file)
+            _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -114,11 +134,30 @@ def save_checkpoint(
     return final
 
 
+def _load_weights_only(file: Path) -> Any:
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _read(file: Path, loader) -> Any:
+    """Load one checkpoint file; a truncated, corrupt or code-carrying file is a clear error."""
+    try:
+        return loader(file)
+    except Exception as exc:  # never run its code, never crash with a traceback
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:100]
+        raise UserError(
+            f"checkpoint file {file} is unreadable ({type(exc).__name__}: {reason}); delete "
+            f"{file.parent.name} to resume from the checkpoint before it"
+        ) from None
+
+
 def load_checkpoint(
     path: Path, named_params: list[tuple[str, nn.Parameter]], rank: int
 ) -> dict[str, Any]:
     """Load parameters and RNG states in place; return the saved loop state."""
-    tensors = load_file(str(path / "trainable.safetensors"))
+    tensors = _read(path / "trainable.safetensors", lambda f: load_file(str(f)))
+    state = _read(path / "state.pt", _load_weights_only)
+    rng_file = path / f"rng-{rank}.pt"
+    rng = _read(rng_file, _load_weights_only) if rng_file.is_file() else None
     names = {n for n, _ in named_params}
     if set(tensors) != names:
         raise UserError(
@@ -128,8 +167,6 @@ def load_checkpoint(
     with torch.no_grad():
         for name, param in named_params:
             param.copy_(tensors[name])
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    rng_file = path / f"rng-{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    if rng is not None:
+        set_rng_state(rng)
     return state

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from caat_peft.attacks import pgd, sample_random_start
-from caat_peft.config import Config, load_config, save_config, to_dict
+from caat_peft.config import Config, config_yaml, load_config, to_dict
 from caat_peft.data import build_splits
 from caat_peft.errors import UserError
 from caat_peft.gradients import make_combiner
@@ -308,7 +308,13 @@ def train(
     preprocessing = preprocessing_for_config(cfg.model)
     splits = build_splits(cfg.data, preprocessing)
     num_classes = cfg.model.num_classes or splits.num_classes
+    if num_classes < splits.num_classes:
+        raise UserError(
+            f"model.num_classes = {num_classes} is below the data's {splits.num_classes} classes "
+            "(raise it, or leave it null to follow the data)"
+        )
     model = build_classifier(cfg.model, cfg.peft, num_classes).to(accelerator.device)
+    _check_model_fits_data(model, splits.train, accelerator.device)
     broadcast_parameters(model, accelerator)
     named = trainable_parameters(model)
     if not named:
@@ -364,7 +370,7 @@ def train(
     if is_main:
         if checkpoint is None:
             _make_run_dir(output_dir, overwrite and not resume)
-            save_config(cfg, output_dir / "config.yaml")
+            atomic_write_text(output_dir / "config.yaml", config_yaml(cfg))
         elif not (output_dir / "metrics.jsonl").exists():
             metrics_offset = None
     accelerator.wait_for_everyone()
@@ -443,10 +449,13 @@ def train(
                     run.skipped += 1
                     run.consecutive_nonfinite += 1
                     if run.consecutive_nonfinite >= tc.max_nonfinite_steps:
+                        row = {"type": "step", "epoch": run.epoch, "step": run.step}
+                        write_row({**row, "skipped": True, **result.stats})
                         raise UserError(
                             f"{run.consecutive_nonfinite} consecutive steps had non-finite "
-                            "losses or gradients and were skipped; lower train.lr, set "
-                            "train.grad_clip, or use train.precision=fp32"
+                            f"losses or gradients (train.max_nonfinite_steps = "
+                            f"{tc.max_nonfinite_steps}); start a new run with a lower train.lr, "
+                            "train.grad_clip set, or train.precision=fp32"
                         )
                 else:
                     run.consecutive_nonfinite = 0
@@ -494,6 +503,20 @@ def tqdm_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", leave=False)
+
+
+@torch.no_grad()
+def _check_model_fits_data(model: nn.Module, dataset: Dataset, device: torch.device) -> None:
+    """One forward pass on one training image, so that a size mismatch is a clear error now."""
+    x, _ = dataset[0]
+    try:
+        model.eval()(x.unsqueeze(0).to(device))
+    except (RuntimeError, AssertionError, ValueError, IndexError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(
+            f"the model does not accept the data's images of shape {tuple(x.shape)} ({detail}); "
+            "check data.image_size and model.kwargs (img_size)"
+        ) from None
 
 
 def _resume_point(cfg: Config, output_dir: Path) -> Path | None:
