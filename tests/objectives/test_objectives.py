@@ -303,6 +303,7 @@ COMMON = [
     "peft.method=full",
     "eval.limit=128",
     "eval.steps=5",
+    "eval.every=0",  # PGD-5 accuracy at the end only
 ]
 
 
