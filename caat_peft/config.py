@@ -490,6 +490,20 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return from_dict(apply_overrides(data, list(overrides)))
 
 
+def first_difference(now: dict[str, Any], saved: dict[str, Any], prefix: str = "") -> str | None:
+    """The first key (dotted) whose value differs between two nested config dicts, described
+    as ``key: <saved> in the run, <now> now``; None when they are equal."""
+    for key in sorted(set(now) | set(saved)):
+        a, b = now.get(key), saved.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}: {b!r} in the run, {a!r} now"
+    return None
+
+
 def config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from caat_peft.config import Config, ConfigError, load_config, to_dict
+from caat_peft.config import Config, ConfigError, first_difference, load_config, to_dict
 from caat_peft.errors import UserError
 from caat_peft.training import train
 from caat_peft.training.checkpoint import list_checkpoints
@@ -203,18 +203,6 @@ def point_name(method: str, value: float, seed: int, base_seed: int) -> str:
     return name if seed == base_seed else f"{name}-seed{seed}"
 
 
-def _first_difference(now: dict[str, Any], saved: dict[str, Any], prefix: str = "") -> str | None:
-    for key in sorted(set(now) | set(saved)):
-        a, b = now.get(key), saved.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = _first_difference(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key}: {b!r} there, {a!r} now"
-    return None
-
-
 def _saved_config_difference(point: SweepPoint, run_dir: Path) -> str | None:
     """How the run in ``run_dir`` was configured differently from ``point`` (None: the same)."""
     try:
@@ -224,7 +212,7 @@ def _saved_config_difference(point: SweepPoint, run_dir: Path) -> str | None:
             f"{point.name}: the run's config.yaml in {run_dir} no longer loads ({exc}); delete "
             "that run directory or choose another --output-dir"
         ) from None
-    return _first_difference(to_dict(point.cfg), to_dict(saved))
+    return first_difference(to_dict(point.cfg), to_dict(saved))
 
 
 def _run_state(run_dir: Path) -> str:

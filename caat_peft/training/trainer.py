@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from caat_peft.attacks import pgd, sample_random_start
-from caat_peft.config import Config, config_yaml, load_config, to_dict
+from caat_peft.config import Config, config_yaml, first_difference, load_config, to_dict
 from caat_peft.data import build_splits
 from caat_peft.errors import UserError
 from caat_peft.gradients import make_combiner
@@ -99,18 +99,6 @@ def _make_run_dir(output_dir: Path, overwrite: bool) -> None:
         raise UserError(f"cannot create output directory {output_dir} ({exc.strerror})") from None
     if not os.access(output_dir, os.W_OK):
         raise UserError(f"output directory {output_dir} is not writable (choose another)")
-
-
-def _first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str | None:
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            found = _first_difference(va, vb, f"{prefix}{key}.")
-            if found:
-                return found
-        elif va != vb:
-            return f"{prefix}{key}: {vb!r} in the run, {va!r} now"
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,7 +512,7 @@ def _resume_point(cfg: Config, output_dir: Path) -> Path | None:
     if not (output_dir / "config.yaml").is_file():
         raise UserError(f"nothing to resume in {output_dir} (no config.yaml); drop --resume")
     saved = load_config(output_dir / "config.yaml")
-    difference = _first_difference(to_dict(cfg), to_dict(saved))
+    difference = first_difference(to_dict(cfg), to_dict(saved))
     if difference is not None:
         raise UserError(
             f"the config differs from the run being resumed ({difference}); resume with the "
