@@ -162,14 +162,18 @@ def find_unreadable(paths: Sequence[str], *, desc: str = "checking images") -> d
 def drop_missing_and_unreadable(
     records: list[Record], bad: BadData, *, split: str, fix_missing: str
 ) -> list[Record]:
-    """Existence check always (cheap); full decode check only when skipping bad files."""
+    """Existence and decode checks of every listed image, before any run starts.
+
+    Both run under either policy: an undecodable image found lazily would stop a run after its
+    directory exists (a truncated *test* image only after a whole epoch of training).
+    """
     kept = []
     for rec in records:
         if os.path.isfile(rec.path):
             kept.append(rec)
         else:
             bad.report(f"image file missing: {rec.path}", fix_missing, item=rec.path, split=split)
-    if bad.skipping and kept:
+    if kept:
         unreadable = find_unreadable([r.path for r in kept], desc=f"{bad.source} {split}")
         for rec in kept:
             if rec.path in unreadable:

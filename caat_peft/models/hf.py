@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,12 @@ def build_hf_config(cfg: ModelConfig, num_classes: int | None = None) -> Any:
         ) from None
 
 
+def _pickled_weights(folder: Path) -> Path:
+    """The pickled weights file of a transformers model folder (the folder if none is found)."""
+    found = sorted(folder.glob("pytorch_model*.bin"))
+    return found[0] if len(found) == 1 else folder
+
+
 def build_hf_backbone(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """The image classifier of ``cfg`` with a ``num_classes`` head, weights as configured."""
     import transformers
@@ -104,6 +111,14 @@ def build_hf_backbone(cfg: ModelConfig, num_classes: int) -> nn.Module:
                     output_loading_info=True,
                     **kwargs,
                 )
+        except pickle.UnpicklingError as exc:
+            # transformers loads *.bin with weights_only=True: a pickle that carries code
+            # (or is no state dict) ends here, refused, before anything of it runs.
+            weights = _pickled_weights(path) if source is not None else path
+            raise UserError(
+                f"{weights}: refused, a pickle that is not plain tensors ({str(exc)[:100]}); "
+                "use a safetensors file or one saved from a state dict"
+            ) from None
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
             raise UserError(
                 f"{cfg.checkpoint}: does not fit {cfg.name} ({str(exc)[:160]})"

@@ -14,6 +14,7 @@ number of processes and a resumed run continues exactly where its checkpoint was
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -260,6 +261,7 @@ class _Run:
         self.epochs_since_best = 0
         self.last_eval: dict[str, float] = {}
         self.stopped_early = False
+        self.skipped_files: dict[str, int] = {}  # per split, entries left out (bad_files=skip)
 
 
 def train(
@@ -339,6 +341,8 @@ def train(
     eval_alpha = eval_eps / 4 if cfg.eval.alpha is None else cfg.eval.alpha
 
     run = _Run(cfg, output_dir, accelerator, model)
+    for entry in splits.skipped:
+        run.skipped_files[entry.split] = run.skipped_files.get(entry.split, 0) + 1
     metrics_offset = 0 if resume else None  # resuming with no checkpoint yet: start afresh
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, named, rank)
@@ -359,6 +363,11 @@ def train(
         if checkpoint is None:
             _make_run_dir(output_dir, overwrite and not resume)
             atomic_write_text(output_dir / "config.yaml", config_yaml(cfg))
+            if splits.skipped:  # what bad_files=skip left out, so that nothing goes silently
+                listing = [dataclasses.asdict(e) for e in splits.skipped]
+                atomic_write_text(
+                    output_dir / "skipped_files.json", json.dumps(listing, indent=2) + "\n"
+                )
         elif not (output_dir / "metrics.jsonl").exists():
             metrics_offset = None
     accelerator.wait_for_everyone()
@@ -642,6 +651,7 @@ def _finish(run: _Run, model, named, ema, test_set, run_eval, start, params) -> 
         "epochs": run.epoch - 1,
         "steps": run.step,
         "skipped_steps": run.skipped,
+        "skipped_files": run.skipped_files,
         "stopped_early": run.stopped_early,
         "seconds": round(time.perf_counter() - start, 3),
         "num_processes": run.accelerator.num_processes,

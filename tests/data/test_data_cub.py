@@ -139,11 +139,18 @@ def test_listed_file_missing_raises_or_is_skipped(cub, caplog):
     assert "skipped 1 bad entries" in caplog.text and str(victim) in caplog.text
 
 
-def test_corrupt_image_fails_at_decode_time_naming_the_file(cub):
+def test_corrupt_image_is_refused_when_loading_naming_the_file(cub):
+    victim = _load(cub).train.records[1].path
+    garble_file(victim)
+    with pytest.raises(UserError, match="cannot decode") as exc:
+        _load(cub)  # every listed image is checked up front, before any run starts
+    assert victim in _assert_one_line(exc)
+
+
+def test_image_corrupted_after_loading_fails_at_decode_time_naming_the_file(cub):
     splits = _load(cub)
     victim = splits.train.records[1].path
     garble_file(victim)
-    splits = _load(cub)  # the index is cheap and does not decode images
     splits.train[0]
     with pytest.raises(UserError, match="cannot decode image") as exc:
         splits.train[1]
@@ -163,11 +170,12 @@ def test_corrupt_or_truncated_images_are_skipped_up_front_when_asked(cub, damage
         splits.test[i]  # nothing left that fails
 
 
-def test_truncated_image_also_fails_lazily_without_skip(cub):
+def test_truncated_image_is_refused_when_loading_without_skip(cub):
     victim = _load(cub).test.records[0].path
     truncate_file(victim)
-    with pytest.raises(UserError, match="cannot decode image"):
-        _load(cub).test[0]
+    with pytest.raises(UserError, match="cannot decode") as exc:
+        _load(cub)
+    assert victim in _assert_one_line(exc)
 
 
 def test_label_out_of_range_raises_or_is_skipped(cub):

@@ -80,13 +80,14 @@ def test_listed_file_missing_raises_or_is_skipped(tmp_path):
     assert splits.test.skipped == 1 and len(splits.test) == 5
 
 
-def test_corrupt_image_fails_lazily_or_is_skipped(tmp_path):
+def test_corrupt_image_is_refused_when_loading_or_is_skipped(tmp_path):
     root = make_dogs_fixture(tmp_path)
     splits = _load(root)
     victim = splits.train.records[0].path
     garble_file(victim)
-    with pytest.raises(UserError, match="cannot decode image"):
-        _load(root).train[0]
+    with pytest.raises(UserError, match="cannot decode") as exc:
+        _load(root)
+    assert victim in str(exc.value)
     skipped = _load(root, bad_files="skip")
     assert skipped.train.skipped == 1 and len(skipped.train) == 5
 

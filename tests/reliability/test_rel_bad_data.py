@@ -118,13 +118,6 @@ def test_unreadable_training_image_is_named(tmp_path, damage):
     assert_one_line_error(code, err, str(victim), "bad_files")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: under bad_files=error an undecodable image is found lazily, during training "
-    "(a truncated *test* image only after a whole epoch), so the run directory already exists. "
-    "Fix: records.drop_missing_and_unreadable runs find_unreadable for both policies and "
-    "reports the first unreadable file through bad.report (error) before any run starts",
-)
 def test_truncated_test_image_is_refused_before_the_run(tmp_path):
     base = _cub(tmp_path)
     victim = _cub_image(base, 8)  # image ids 5..8 of class 1 are its test images
@@ -169,13 +162,6 @@ def test_skip_policy_leaves_bad_entries_out_and_counts_them(tmp_path, caplog):
     assert final["eval_n"] == 12 - 1  # the truncated test image was left out, nothing else
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP: under bad_files=skip the counts only reach a log line; the run directory keeps "
-    "no record of what was left out. Fix: trainer.train stores "
-    "{split: count} of splits.skipped as final.json['skipped_files'] (and the list, e.g. in "
-    "skipped_files.json)",
-)
 def test_skip_policy_counts_are_kept_in_the_run_directory(tmp_path):
     base = _cub(tmp_path)
     _break_three_entries(base)

@@ -164,7 +164,7 @@ def test_a_full_disk_during_a_checkpoint_loses_nothing_finished(
     uninterrupted run ends."""
     run = tmp_path / "run"
     _fill_disk_at_checkpoint(monkeypatch, step=10)
-    with contextlib.suppress(Exception):  # how it reports the failure: the xfail test below
+    with contextlib.suppress(Exception):  # how it reports the failure: the test below
         run_cli(train_args(run, *CHECKPOINTED))
     assert [step for step, _ in list_checkpoints(run)] == [5]
     assert not (run / "checkpoints" / "step-10").exists()

@@ -150,27 +150,11 @@ def _adapter_bin(tmp_path, marker, trained_run):
     return _eval_args(run, adapter, tmp_path), adapter / "adapter_model.bin"
 
 
-def _traceback_bug(where: str, fix: str):
-    return pytest.mark.xfail(
-        strict=True,
-        reason=f"BUG: the pickle is refused (no code runs) but {where} lets "
-        f"pickle.UnpicklingError escape as a traceback, exit code 1. Fix: {fix}",
-    )
-
-
 ENTRY_POINTS = [
     pytest.param(_model_checkpoint_pth, id="model.checkpoint-pth"),
     pytest.param(_model_checkpoint_bare_object, id="model.checkpoint-bare-object"),
     pytest.param(_timm_hub_folder_bin, id="model.checkpoint-timm-folder-bin"),
-    pytest.param(
-        _transformers_folder_bin,
-        id="model.checkpoint-transformers-folder-bin",
-        marks=_traceback_bug(
-            "models.hf.build_hf_backbone",
-            "add pickle.UnpicklingError to the caught exceptions around "
-            "model_cls.from_pretrained and name the weights file in the UserError",
-        ),
-    ),
+    pytest.param(_transformers_folder_bin, id="model.checkpoint-transformers-folder-bin"),
     pytest.param(_resume_state, id="resume-state.pt"),
     pytest.param(_resume_rng, id="resume-rng.pt"),
     pytest.param(_adapter_bin, id="eval-adapter-bin"),
