@@ -123,6 +123,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     grad_accum_steps: int = 1  # micro-batches per optimiser step (g_c, g_a accumulated apart)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for attack and losses)
+    compile: bool = False  # torch.compile the model (the first steps pay the compilation)
     ema_decay: float | None = None  # EMA of the trainable parameters (evaluated and saved)
     early_stop_patience: int | None = None  # epochs without a better val robust accuracy
     max_nonfinite_steps: int = 20  # consecutive skipped (NaN/Inf) steps before the run stops

@@ -179,7 +179,10 @@ class BottleneckAdapterLayer(nn.Module, BaseTunerLayer):
             if name not in self.bottleneck_down:
                 continue
             down = self.bottleneck_down[name]
-            z = down(h.to(down.weight.dtype))
+            # peft's switch for its own layers; the fast path turns it off under autocast
+            # (training/fastpath.py), where the cast is only a copy.
+            cast = getattr(self, "cast_input_dtype_enabled", True)
+            z = down(h.to(down.weight.dtype) if cast else h)
             z = self.bottleneck_up[name](
                 self.bottleneck_dropout[name](self.bottleneck_act[name](z))
             )

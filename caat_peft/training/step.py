@@ -6,7 +6,6 @@ A step may span several micro-batches (gradient accumulation): g_c and g_a are a
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 from caat_peft.gradients import Combiner
 from caat_peft.objectives import PgdCE
 from caat_peft.training.distributed import Reducer
+from caat_peft.training.fastpath import autocast_for
 from caat_peft.training.optim import LossScaler, unscale_
 
 
@@ -46,14 +46,6 @@ def write_grads(params: Sequence[nn.Parameter], update: Sequence[Tensor]) -> Non
 
 def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.argmax(dim=1) == y).float().mean()
-
-
-def autocast_for(precision: str, device: torch.device):
-    """bf16 / fp16 autocast for the attack and the losses; parameters stay fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def micro_batch_gradients(

@@ -45,6 +45,7 @@ from caat_peft.models import (
 from caat_peft.objectives import build_objective
 from caat_peft.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from caat_peft.training.distributed import broadcast_parameters, make_reducer
+from caat_peft.training.fastpath import check_can_compile, prepare_model
 from caat_peft.training.optim import LossScaler, ParameterEMA, make_optimizer, make_scheduler
 from caat_peft.training.step import MicroBatch, training_step
 from caat_peft.training.telemetry import MetricsLog, plot_conflict, tracker_scalars
@@ -303,9 +304,14 @@ def train(
             f"model.num_classes = {num_classes} is below the data's {splits.num_classes} classes "
             "(raise it, or leave it null to follow the data)"
         )
+    if tc.compile:
+        check_can_compile(accelerator.device)
     model = build_classifier(cfg.model, cfg.peft, num_classes).to(accelerator.device)
+    prepare_model(model, precision=tc.precision)  # compiled below, once it fits the data
     _check_model_fits_data(model, splits.train, accelerator.device)
     broadcast_parameters(model, accelerator)
+    if tc.compile:
+        prepare_model(model, precision=tc.precision, compile=True)
     named = trainable_parameters(model)
     if not named:
         raise UserError("no trainable parameters: check peft.method and peft.target_modules")

@@ -1,0 +1,96 @@
+"""The fast path: low-precision autocast that stays fast on CPU, and compilation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file
+
+from caat_peft.config import ModelConfig, PeftConfig, load_config
+from caat_peft.errors import UserError
+from caat_peft.models import build_classifier
+from caat_peft.training import train
+from caat_peft.training.fastpath import autocast_for, check_can_compile, prepare_model
+
+from conftest import TINY_RECIPE
+
+ARCH = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def _model(method: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(name="vit_tiny_patch16_224", kwargs=ARCH)
+    return build_classifier(model_cfg, PeftConfig(method=method, r=4, reduction=4), 5)
+
+
+def _tuner_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_low_precision_switches_off_the_adapter_input_cast_only(method):
+    fp32 = prepare_model(_model(method), precision="fp32")
+    bf16 = prepare_model(_model(method), precision="bf16")
+    assert _tuner_layers(bf16)
+    assert all(getattr(m, "cast_input_dtype_enabled", True) for m in _tuner_layers(fp32))
+    assert not any(m.cast_input_dtype_enabled for m in _tuner_layers(bf16))
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_bf16_fast_path_computes_the_same_function(method):
+    """Without the cast the adapters still run (in bf16, under autocast): logits and the input
+    gradient match the float32 model to bf16 accuracy."""
+    reference, fast = _model(method).eval(), prepare_model(_model(method), precision="bf16").eval()
+    # LoRA's B and the adapter's up-projection start at zero: give them weights to test.
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(reference.named_parameters(), fast.named_parameters()):
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+                q.copy_(p)
+    x = torch.rand(8, 3, 16, 16, requires_grad=True)
+    logits = reference(x)
+    (grad,) = torch.autograd.grad(logits.logsumexp(1).sum(), x)
+    with autocast_for("bf16", x.device):
+        fast_logits = fast(x)
+        (fast_grad,) = torch.autograd.grad(fast_logits.float().logsumexp(1).sum(), x)
+    assert fast_logits.dtype == torch.bfloat16
+    assert torch.allclose(fast_logits.float(), logits, atol=0.05, rtol=0.05)
+    cos = torch.nn.functional.cosine_similarity(grad.flatten(), fast_grad.flatten(), dim=0)
+    assert cos > 0.99
+
+
+def test_cpu_low_precision_routes_attention_to_the_math_kernel():
+    """torch's CPU flash-attention kernel is slow in bf16 (its backward above all)."""
+    flash = torch.backends.cuda.flash_sdp_enabled  # the flags are global, CPU included
+    assert flash()
+    with autocast_for("bf16", torch.device("cpu")):
+        assert not flash() and torch.backends.cuda.math_sdp_enabled()
+        assert torch.is_autocast_enabled("cpu")
+    assert flash() and not torch.is_autocast_enabled("cpu")
+    with autocast_for("fp32", torch.device("cpu")):
+        assert flash() and not torch.is_autocast_enabled("cpu")
+
+
+def test_compile_needs_a_cpp_compiler_on_cpu(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(UserError, match="train.compile"):
+        check_can_compile(torch.device("cpu"))
+
+
+def test_compiled_run_matches_the_eager_run(tmp_path):
+    """``train.compile`` changes the speed, not the method: same adapter after one epoch."""
+    sets = ["train.epochs=1", "eval.limit=32", "eval.steps=2", "train.plots=false"]
+    eager = train(load_config(TINY_RECIPE, sets), tmp_path / "eager", progress=False)
+    compiled = train(
+        load_config(TINY_RECIPE, [*sets, "train.compile=true"]),
+        tmp_path / "compiled",
+        progress=False,
+    )
+    a = load_file(str(tmp_path / "eager" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "compiled" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()  # compiled in place: the saved names do not change
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-4, rtol=1e-3), key
+    assert compiled.final["steps"] == eager.final["steps"]
