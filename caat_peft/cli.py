@@ -67,6 +67,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N samples only")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N"
+    )
     p.add_argument("--output-dir", help="where eval.json / eval.md go (default RUN_DIR/eval)")
     p.add_argument("--no-resume", action="store_true", help="recompute finished attacks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -161,6 +164,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         seed=args.seed,
+        device=args.device,
         progress=not args.no_progress,
     )
     print(md_path.read_text())

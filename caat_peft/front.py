@@ -335,6 +335,7 @@ def _autoattack(
         batch_size=cfg.eval.batch_size,
         seed=0,
         sanity=sanity,
+        device="auto",
         progress=progress,
     )
     label = result["eps"][0]["label"]

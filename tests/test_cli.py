@@ -103,6 +103,12 @@ def test_eval_on_a_run_directory(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "nowhere")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    # --device: auto (the default) picks a GPU when there is one; a wrong one is one line.
+    assert main([*args, "--device", "cpu", "--budget", "fast", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--device", "tpu9", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "tpu9" in err and len(err.strip().splitlines()) == 1
 
 
 def test_eval_with_model_and_adapter_flags(tmp_path, capsys):

@@ -242,3 +242,28 @@ def test_trains_on_official_layout_fixtures(tmp_path, source):
     )
     final = train(cfg, tmp_path / "run", progress=False).final
     assert final["steps"] >= 1 and 0 <= final["clean_acc"] <= 1
+
+
+def test_a_reloaded_run_is_the_trained_model_even_without_a_checkpoint(tmp_path, tiny_cfg):
+    """The tiny recipe's backbone comes from no file: `caat-peft eval` must rebuild the same
+    frozen weights (seeded by train.seed), whatever the global RNG state is."""
+    from caat_peft.data import build_splits
+    from caat_peft.models import preprocessing_for_config
+    from caat_peft.models.loading import load_trained
+
+    result = train(tiny_cfg, tmp_path / "run", progress=False)
+    trained = {k: v.clone() for k, v in result.model.state_dict().items()}
+    splits = build_splits(tiny_cfg.data, preprocessing_for_config(tiny_cfg.model))
+    for noise in (1, 2):
+        torch.manual_seed(noise)
+        torch.rand(noise * 7)  # a different global RNG state each time
+        model = load_trained(tiny_cfg, splits.num_classes, tmp_path / "run" / "adapter")
+        state = model.state_dict()
+        assert state.keys() == trained.keys()
+        for key, value in trained.items():
+            assert torch.equal(state[key], value), key
+    x = torch.stack([splits.test[i][0] for i in range(32)])
+    y = torch.tensor([splits.test[i][1] for i in range(32)])
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(result.final["clean_acc"], abs=1e-9)

@@ -379,6 +379,8 @@ def _pick_device(model: torch.nn.Module, device: str | torch.device | None) -> t
     here = param.device if param is not None else torch.device("cpu")
     if device is None:
         return here
+    if device == "auto":  # the command line's default: a GPU when there is one
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError):

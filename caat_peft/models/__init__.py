@@ -32,7 +32,7 @@ from caat_peft.models.peft_setup import (
 )
 from caat_peft.models.registry import BackboneSpec, get_spec, list_backbones, register_backbone
 from caat_peft.models.targets import PRESETS, head_names, preset_regex
-from caat_peft.models.wrapper import PixelClassifier, build_classifier
+from caat_peft.models.wrapper import PixelClassifier, build_classifier, seeded_init
 
 __all__ = [
     "PRESETS",
@@ -59,6 +59,7 @@ __all__ = [
     "register_backbone",
     "save_adapter",
     "save_trainable",
+    "seeded_init",
     "trainable_parameters",
     "trainable_summary",
 ]

@@ -8,7 +8,7 @@ from caat_peft.config import Config
 from caat_peft.models.backbone import build_backbone, preprocessing_of
 from caat_peft.models.peft_setup import load_adapter
 from caat_peft.models.targets import head_names
-from caat_peft.models.wrapper import PixelClassifier
+from caat_peft.models.wrapper import PixelClassifier, seeded_init
 
 
 def load_trained(cfg: Config, num_classes: int, adapter_dir: str | Path | None) -> PixelClassifier:
@@ -18,7 +18,8 @@ def load_trained(cfg: Config, num_classes: int, adapter_dir: str | Path | None) 
     bottleneck adapter) or the trainable tensors of a head-only / full run
     (``trainable.safetensors``); None evaluates the backbone as it is.
     """
-    backbone = build_backbone(cfg.model, num_classes)
+    with seeded_init(cfg.train.seed):  # as in training: weights from no file come out the same
+        backbone = build_backbone(cfg.model, num_classes)
     pre = preprocessing_of(backbone, cfg.model)
     heads = head_names(backbone)
     net = backbone if adapter_dir is None else load_adapter(backbone, adapter_dir)

@@ -5,7 +5,8 @@ Attacks and ε then live in pixel space whatever the checkpoint's mean / std are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +34,19 @@ class PixelClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.net((x - self.mean) / self.std)
         return out if isinstance(out, Tensor) else out.logits
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Random initialisation that depends on ``seed`` alone, leaving the global RNG as it was.
+
+    Training builds its model under this, and so does loading a trained run: weights that come
+    from no file (a backbone built from config, the frozen layers of a head-only run) are then
+    the same in ``caat-peft eval`` as they were in training.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def build_classifier(

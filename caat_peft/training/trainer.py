@@ -40,6 +40,7 @@ from caat_peft.models import (
     build_classifier,
     preprocessing_for_config,
     save_trainable,
+    seeded_init,
     trainable_parameters,
 )
 from caat_peft.objectives import build_objective
@@ -306,7 +307,9 @@ def train(
         )
     if tc.compile:
         check_can_compile(accelerator.device)
-    model = build_classifier(cfg.model, cfg.peft, num_classes).to(accelerator.device)
+    with seeded_init(tc.seed):  # so that `caat-peft eval` rebuilds the same untrained weights
+        model = build_classifier(cfg.model, cfg.peft, num_classes)
+    model = model.to(accelerator.device)
     prepare_model(model, precision=tc.precision)  # compiled below, once it fits the data
     _check_model_fits_data(model, splits.train, accelerator.device)
     broadcast_parameters(model, accelerator)
