@@ -55,3 +55,22 @@ def test_two_processes_match_one(tmp_path, combiner):
     assert worst < 1e-5
     # And training really moved them (a test that cannot fail would not show anything).
     assert any(torch.count_nonzero(v) for k, v in one.items() if "lora_B" in k)
+
+
+def test_accelerate_launch_with_the_shipped_config_runs_the_same_training(tmp_path):
+    """`accelerate launch --config_file recipes/accelerate/single_gpu.yaml -m caat_peft train`
+    (the CPU stands in for the GPU here) ends with the same adapter as a plain run."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert accelerate, "accelerate's launcher is a declared dependency"
+    config = ROOT / "recipes" / "accelerate" / "single_gpu.yaml"
+    out = tmp_path / "launched"
+    args = ["train", str(TINY_RECIPE), "--output-dir", str(out), "--no-progress", *FAST]
+    cmd = [accelerate, "launch", "--config_file", str(config), "-m", "caat_peft", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run(tmp_path / "plain", 1, [])
+    launched = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    plain = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
+    assert launched.keys() == plain.keys()
+    assert all(torch.equal(launched[k], plain[k]) for k in plain)

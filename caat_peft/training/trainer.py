@@ -93,15 +93,64 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
             )
 
 
-def _make_run_dir(output_dir: Path, overwrite: bool) -> None:
+PROBE_BYTES = 1 << 20  # written, fsynced and removed once: a full disk shows before training
+MIN_FREE_BYTES = 64 << 20  # logs, plots and reports beside the tensors
+
+
+def space_needed(trainable_bytes: int, keep_checkpoints: int, checkpoints: bool) -> int:
+    """A generous estimate of a run's disk use: the adapter and best adapter, and each kept
+    checkpoint (parameters, two AdamW moments, EMA and best weights) plus one being written."""
+    per_checkpoint = 5 * trainable_bytes if checkpoints else 0
+    return MIN_FREE_BYTES + 2 * trainable_bytes + per_checkpoint * (keep_checkpoints + 1)
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def _make_run_dir(output_dir: Path, overwrite: bool, needed_bytes: int = MIN_FREE_BYTES) -> None:
+    """Create the run directory, refusing an unwritable or (nearly) full location up front."""
+    try:
+        free = shutil.disk_usage(_existing_parent(output_dir)).free
+    except OSError:
+        free = None
+    if free is not None and free < needed_bytes:
+        raise UserError(
+            f"output directory {output_dir}: {_mib(free)} free on its disk, the run needs about "
+            f"{_mib(needed_bytes)}; free space or choose another --output-dir"
+        )
     if overwrite and (output_dir / "config.yaml").exists():
         shutil.rmtree(output_dir)
+    created = not output_dir.exists()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output directory {output_dir} ({exc.strerror})") from None
     if not os.access(output_dir, os.W_OK):
         raise UserError(f"output directory {output_dir} is not writable (choose another)")
+    probe = output_dir / ".caat-peft-write-probe"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * PROBE_BYTES)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        probe.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(output_dir, ignore_errors=True)  # nothing half-made is left behind
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(
+            f"cannot write to output directory {output_dir} ({reason}); free space or choose "
+            "another --output-dir"
+        ) from None
+    probe.unlink()
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +419,12 @@ def train(
 
     if is_main:
         if checkpoint is None:
-            _make_run_dir(output_dir, overwrite and not resume)
+            needed = space_needed(
+                sum(p.numel() * p.element_size() for p in params),
+                tc.keep_checkpoints,
+                checkpoints=bool(tc.save_every),
+            )
+            _make_run_dir(output_dir, overwrite and not resume, needed)
             atomic_write_text(output_dir / "config.yaml", config_yaml(cfg))
             if splits.skipped:  # what bad_files=skip left out, so that nothing goes silently
                 listing = [dataclasses.asdict(e) for e in splits.skipped]

@@ -179,3 +179,32 @@ def test_a_full_disk_during_a_checkpoint_is_one_line(tmp_path, monkeypatch):
     _fill_disk_at_checkpoint(monkeypatch, step=10)
     code, _, err = run_cli(train_args(run, *CHECKPOINTED))
     assert_one_line_error(code, err, str(run / "checkpoints"))
+
+
+def test_a_full_disk_is_found_before_training(tmp_path):
+    """A location where nothing more can be written is refused up front (a write probe), in
+    one line, leaving no run directory behind."""
+    out = tmp_path / "run"
+    with disk_nearly_full():
+        code, _, err = run_cli(train_args(out, *FAST_SETS))
+    assert_one_line_error(code, err, str(out), "cannot write")
+    assert not out.exists()
+
+
+def test_too_little_free_space_for_the_run_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 20, 9 << 20, 1 << 20))
+    out = tmp_path / "run"
+    code, _, err = run_cli(train_args(out, *CHECKPOINTED))
+    assert_one_line_error(code, err, str(out), "1 MiB free", "needs about")
+    assert not out.exists()
+
+
+def test_space_estimate_grows_with_checkpoints():
+    small = trainer_module.space_needed(10 << 20, keep_checkpoints=2, checkpoints=False)
+    kept = trainer_module.space_needed(10 << 20, keep_checkpoints=2, checkpoints=True)
+    more = trainer_module.space_needed(10 << 20, keep_checkpoints=5, checkpoints=True)
+    assert trainer_module.MIN_FREE_BYTES < small < kept < more
