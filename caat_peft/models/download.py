@@ -2,12 +2,15 @@
 
 Used for ``model.checkpoint: https://…`` and for registry entries with a direct URL when
 ``model.pretrained: true``. Files land in ``$CAAT_PEFT_CACHE/checkpoints`` (default
-``~/.cache/caat-peft/checkpoints``) and are then read like any local file (weights only). A file
-already there is reused, so a second run works offline. Not exercised by the tests (no network).
+``~/.cache/caat-peft/checkpoints/<hash of the URL>/<file name>``: two sources that publish files
+of the same name never share a cache entry) and are then read like any local file (weights only).
+A file already there is reused, so a second run works offline. Tested against a server on the
+loopback interface (``tests/models/test_models_download.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,7 +33,7 @@ def checkpoint_cache() -> Path:
 def fetch(url: str, *, progress: bool = True) -> Path:
     """The cached copy of ``url``, downloaded first if missing (atomically: no partial files)."""
     name = Path(urlparse(url).path).name or "checkpoint.pth"
-    target = checkpoint_cache() / name
+    target = checkpoint_cache() / hashlib.sha256(url.encode()).hexdigest()[:16] / name
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
