@@ -36,16 +36,22 @@ class PixelClassifier(nn.Module):
         return out if isinstance(out, Tensor) else out.logits
 
 
+# Initialisation draws from its own stream, derived from the run's seed: the draws that training
+# makes next (augmentation, dropout, loader seeds) then never repeat the initial weights' numbers.
+_INIT_STREAM = 0x5EED_1417
+
+
 @contextlib.contextmanager
 def seeded_init(seed: int) -> Iterator[None]:
-    """Random initialisation that depends on ``seed`` alone, leaving the global RNG as it was.
+    """Random initialisation (on the CPU, where models are built) that depends on ``seed`` alone,
+    leaving the CPU RNG as it was.
 
     Training builds its model under this, and so does loading a trained run: weights that come
     from no file (a backbone built from config, the frozen layers of a head-only run) are then
     the same in ``caat-peft eval`` as they were in training.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed((seed ^ _INIT_STREAM) & 0xFFFF_FFFF_FFFF)
         yield
 
 
