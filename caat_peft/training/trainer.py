@@ -80,7 +80,7 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         return
     if not output_dir.is_dir():
         raise UserError(f"output directory {output_dir} is a file (choose another --output-dir)")
-    if any(output_dir.iterdir()):
+    if any(p.name != PROBE_NAME for p in output_dir.iterdir()):  # a killed probe is no run
         if not (output_dir / "config.yaml").exists():
             raise UserError(
                 f"output directory {output_dir} is not empty and holds no caat-peft run "
@@ -94,14 +94,30 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 
 
 PROBE_BYTES = 1 << 20  # written, fsynced and removed once: a full disk shows before training
+PROBE_NAME = ".caat-peft-write-probe"
 MIN_FREE_BYTES = 64 << 20  # logs, plots and reports beside the tensors
 
 
-def space_needed(trainable_bytes: int, keep_checkpoints: int, checkpoints: bool) -> int:
-    """A generous estimate of a run's disk use: the adapter and best adapter, and each kept
-    checkpoint (parameters, two AdamW moments, EMA and best weights) plus one being written."""
-    per_checkpoint = 5 * trainable_bytes if checkpoints else 0
-    return MIN_FREE_BYTES + 2 * trainable_bytes + per_checkpoint * (keep_checkpoints + 1)
+def space_needed(
+    trainable_bytes: int,
+    keep_checkpoints: int,
+    checkpoints: bool,
+    *,
+    ema: bool = False,
+    best: bool = False,
+    adam: bool = True,
+) -> int:
+    """An estimate of a run's disk use: the adapter (and best adapter), and each kept checkpoint
+    (parameters, the optimiser's moments, EMA and best weights when used) plus one being
+    written."""
+    copies = 1 + (2 if adam else 1) + int(ema) + int(best)
+    per_checkpoint = copies * trainable_bytes if checkpoints else 0
+    adapters = (1 + int(best)) * trainable_bytes
+    return MIN_FREE_BYTES + adapters + per_checkpoint * (keep_checkpoints + 1)
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _existing_parent(path: Path) -> Path:
@@ -111,6 +127,15 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+def _child_towards(existing: Path, target: Path) -> Path | None:
+    """The first folder below ``existing`` on the way to ``target`` (None if it exists)."""
+    target = target.absolute()
+    if target == existing:
+        return None
+    rel = target.relative_to(existing)
+    return existing / rel.parts[0]
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
@@ -118,24 +143,30 @@ def _mib(n: int) -> str:
 def _make_run_dir(output_dir: Path, overwrite: bool, needed_bytes: int = MIN_FREE_BYTES) -> None:
     """Create the run directory, refusing an unwritable or (nearly) full location up front."""
     try:
-        free = shutil.disk_usage(_existing_parent(output_dir)).free
+        usage = shutil.disk_usage(_existing_parent(output_dir))
+        # Some network / FUSE file systems report no sizes at all: then only the probe decides.
+        free = usage.free if usage.total > 0 else None
     except OSError:
         free = None
+    replaced = overwrite and (output_dir / "config.yaml").exists()
+    if free is not None and replaced:
+        free += _tree_bytes(output_dir)  # the old run is removed first
     if free is not None and free < needed_bytes:
         raise UserError(
             f"output directory {output_dir}: {_mib(free)} free on its disk, the run needs about "
             f"{_mib(needed_bytes)}; free space or choose another --output-dir"
         )
-    if overwrite and (output_dir / "config.yaml").exists():
+    if replaced:
         shutil.rmtree(output_dir)
-    created = not output_dir.exists()
+    # What to remove again if the probe fails: the first folder this call creates, if any.
+    first_made = _child_towards(_existing_parent(output_dir), output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output directory {output_dir} ({exc.strerror})") from None
     if not os.access(output_dir, os.W_OK):
         raise UserError(f"output directory {output_dir} is not writable (choose another)")
-    probe = output_dir / ".caat-peft-write-probe"
+    probe = output_dir / PROBE_NAME
     try:
         with open(probe, "wb") as fh:
             fh.write(b"\0" * PROBE_BYTES)
@@ -143,8 +174,8 @@ def _make_run_dir(output_dir: Path, overwrite: bool, needed_bytes: int = MIN_FRE
             os.fsync(fh.fileno())
     except OSError as exc:
         probe.unlink(missing_ok=True)
-        if created:
-            shutil.rmtree(output_dir, ignore_errors=True)  # nothing half-made is left behind
+        if first_made is not None:  # nothing half-made is left behind, parents included
+            shutil.rmtree(first_made, ignore_errors=True)
         reason = exc.strerror or type(exc).__name__
         raise UserError(
             f"cannot write to output directory {output_dir} ({reason}); free space or choose "
@@ -423,6 +454,9 @@ def train(
                 sum(p.numel() * p.element_size() for p in params),
                 tc.keep_checkpoints,
                 checkpoints=bool(tc.save_every),
+                ema=bool(tc.ema_decay),
+                best=splits.val is not None,
+                adam=tc.optimizer == "adamw",
             )
             _make_run_dir(output_dir, overwrite and not resume, needed)
             atomic_write_text(output_dir / "config.yaml", config_yaml(cfg))
@@ -584,7 +618,9 @@ def _resume_point(cfg: Config, output_dir: Path) -> Path | None:
     if not (output_dir / "config.yaml").is_file():
         raise UserError(f"nothing to resume in {output_dir} (no config.yaml); drop --resume")
     saved = load_config(output_dir / "config.yaml")
-    difference = first_difference(to_dict(cfg), to_dict(saved))
+    now, before = to_dict(cfg), to_dict(saved)
+    now["train"]["compile"] = before["train"]["compile"]  # speed only: may change on resume
+    difference = first_difference(now, before)
     if difference is not None:
         raise UserError(
             f"the config differs from the run being resumed ({difference}); resume with the "
