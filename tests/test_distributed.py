@@ -37,6 +37,17 @@ def _run(out, nproc: int, extra: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+# With SGD the update is the reduced gradient itself, so the comparison is exact up to the
+# float summation order of the batch mean (measured 3.7e-8). AdamW divides by sqrt(v), which
+# magnifies that order-of-summation noise in small gradient components: 1-process vs 2-process
+# differences of 4.7e-6 (seed 1) and 1.2e-5 (seed 0) were measured for vanilla after 19 steps.
+OPTIMIZERS = {
+    "sgd": (["--set", "train.optimizer=sgd", "--set", "train.lr=0.05"], 1e-6),
+    "adamw": ([], 1e-4),
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize(
     "combiner",
     [
@@ -44,15 +55,16 @@ def _run(out, nproc: int, extra: list[str]) -> None:
         ["--set", "combiner.kind=caat", "--set", "combiner.gamma=0.9"],
     ],
 )
-def test_two_processes_match_one(tmp_path, combiner):
-    _run(tmp_path / "one", 1, combiner)
-    _run(tmp_path / "two", 2, combiner)
+def test_two_processes_match_one(tmp_path, combiner, optimizer):
+    extra, tolerance = OPTIMIZERS[optimizer]
+    _run(tmp_path / "one", 1, [*combiner, *extra])
+    _run(tmp_path / "two", 2, [*combiner, *extra])
     assert json.loads((tmp_path / "two" / "final.json").read_text())["num_processes"] == 2
     one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     two = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     assert one.keys() == two.keys()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
-    assert worst < 1e-5
+    assert worst < tolerance
     # And training really moved them (a test that cannot fail would not show anything).
     assert any(torch.count_nonzero(v) for k, v in one.items() if "lora_B" in k)
 

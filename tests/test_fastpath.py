@@ -88,9 +88,27 @@ def test_compiled_run_matches_the_eager_run(tmp_path):
         tmp_path / "compiled",
         progress=False,
     )
+    assert compiled.model._compiled_call_impl is not None  # it really ran compiled
+    assert getattr(eager.model, "_compiled_call_impl", None) is None
     a = load_file(str(tmp_path / "eager" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "compiled" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()  # compiled in place: the saved names do not change
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-4, rtol=1e-3), key
     assert compiled.final["steps"] == eager.final["steps"]
+
+
+def test_bf16_compiled_run_trains_and_resumes_eagerly(tmp_path):
+    """The documented fast path end to end, then ``--resume`` without compilation (compile is
+    speed only, so the config check lets it differ)."""
+    sets = ["train.epochs=2", "eval.limit=32", "eval.steps=2", "train.plots=false"]
+    fast = [*sets, "train.precision=bf16", "train.compile=true", "train.save_every=19"]
+    cfg = load_config(TINY_RECIPE, fast)
+    cfg.train.epochs = 1
+    first = train(cfg, tmp_path / "run", progress=False)
+    assert first.model._compiled_call_impl is not None
+    resumed = load_config(TINY_RECIPE, [*fast[:-2], "train.save_every=19"])
+    resumed.train.epochs = 1  # the same config, without compile
+    result = train(resumed, tmp_path / "run", resume=True, progress=False)
+    assert result.final["steps"] == first.final["steps"]
+    assert 0.0 <= result.final["robust_acc"] <= 1.0

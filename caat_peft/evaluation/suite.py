@@ -389,6 +389,13 @@ def _pick_device(model: torch.nn.Module, device: str | torch.device | None) -> t
         ) from None
     if target.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    if target.type == "cuda" and (target.index or 0) >= torch.cuda.device_count():
+        raise UserError(
+            f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices; "
+            "use cuda:0 .. cuda:N-1"
+        )
+    if target.type not in ("cpu", "cuda"):
+        raise UserError(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
     if target != here:
         model.to(target)
     return target

@@ -36,10 +36,15 @@ def fetch(url: str, *, progress: bool = True) -> Path:
     target = checkpoint_cache() / hashlib.sha256(url.encode()).hexdigest()[:16] / name
     if target.is_file():
         return target
+    legacy = checkpoint_cache() / name  # where versions up to 0.1.0 kept it: still offline
+    if legacy.is_file():
+        return legacy
     target.parent.mkdir(parents=True, exist_ok=True)
     from torch.hub import download_url_to_file
 
-    partial = target.with_name(f".{name}.partial")
+    # One partial file per process: several ranks of a launch may fetch at once; the renames
+    # are atomic and the last one wins with identical bytes.
+    partial = target.with_name(f".{name}.{os.getpid()}.partial")
     try:
         download_url_to_file(url, str(partial), progress=progress)
     except Exception as exc:  # urllib raises many types; the user's fix is the same

@@ -60,6 +60,13 @@ def check_can_compile(device: torch.device) -> None:
         raise UserError(
             "train.compile needs torch >= 2.2; upgrade torch or set train.compile=false"
         )
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise UserError(
+            "train.compile: torch.compile does not support this Python / platform; "
+            "set train.compile=false"
+        )
     if device.type == "cpu" and not (
         os.environ.get("CXX") or any(shutil.which(c) for c in ("c++", "g++", "clang++"))
     ):
