@@ -267,3 +267,23 @@ def test_a_reloaded_run_is_the_trained_model_even_without_a_checkpoint(tmp_path,
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
     assert acc == pytest.approx(result.final["clean_acc"], abs=1e-9)
+
+
+def test_evaluating_during_training_does_not_change_the_training(tmp_path):
+    """Per-epoch evaluation draws nothing from the RNG that training uses next (dropout here)."""
+    from safetensors.torch import load_file
+
+    arch = "{img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2"
+    sets = [
+        f"model.kwargs={arch}, drop_rate: 0.2, proj_drop_rate: 0.2}}",
+        "train.epochs=2",
+        "eval.limit=32",
+        "eval.steps=2",
+        "train.plots=false",
+    ]
+    every = train(load_config(TINY_RECIPE, [*sets, "eval.every=1"]), tmp_path / "a", progress=False)
+    end = train(load_config(TINY_RECIPE, [*sets, "eval.every=0"]), tmp_path / "b", progress=False)
+    a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert every.final["robust_acc"] == end.final["robust_acc"]

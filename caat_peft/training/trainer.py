@@ -270,7 +270,15 @@ def evaluate(
     model.eval()
     device = accelerator.device
     sampler = _ShardSampler(len(dataset), accelerator.process_index, accelerator.num_processes)
-    loader = _loader(dataset, num_workers, batch_size=batch_size, sampler=sampler)
+    # A generator of its own for the loader too: iterating a DataLoader draws its base seed from
+    # the global RNG, and evaluating must not change what training draws next.
+    loader = _loader(
+        dataset,
+        num_workers,
+        batch_size=batch_size,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(seed),
+    )
     generator = torch.Generator(device=device).manual_seed(seed)
     counts = torch.zeros(3, device=device)
     for x, y in loader:
