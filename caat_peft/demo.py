@@ -107,12 +107,19 @@ def cache_dir() -> Path:
     return Path(base) / "caat-peft"
 
 
+# Part of the cache key: bump it when the trainer changes what stage 1 produces from the same
+# config (2: models are initialised from their own seeded stream, models.seeded_init).
+STAGE1_VERSION = 2
+
+
 def stage1_checkpoint(*, fresh: bool = False, progress: bool = True) -> Path:
     """Train (or reuse) the robust source model; return its plain timm state-dict file."""
     import timm
 
     clean_cfg, adv_cfg = _stage1_configs()
-    key = json.dumps([clean_cfg, adv_cfg, torch.__version__, timm.__version__], sort_keys=True)
+    key = json.dumps(
+        [clean_cfg, adv_cfg, torch.__version__, timm.__version__, STAGE1_VERSION], sort_keys=True
+    )
     folder = cache_dir() / "demo" / hashlib.sha256(key.encode()).hexdigest()[:16]
     checkpoint = folder / "source_vit_digits04.pth"
     if checkpoint.is_file() and not fresh:
