@@ -112,3 +112,39 @@ def test_bf16_compiled_run_trains_and_resumes_eagerly(tmp_path):
     result = train(resumed, tmp_path / "run", resume=True, progress=False)
     assert result.final["steps"] == first.final["steps"]
     assert 0.0 <= result.final["robust_acc"] <= 1.0
+
+
+def test_cpu_bf16_attention_runs_the_math_kernel_and_fp32_keeps_the_fused_one():
+    q = torch.randn(2, 2, 16, 8)
+
+    def kernels(precision: str) -> set[str]:
+        with torch.profiler.profile() as prof, autocast_for(precision, q.device):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return {e.name for e in prof.events() if "attention" in e.name}
+
+    assert any("math" in k for k in kernels("bf16"))
+    assert not any("flash" in k for k in kernels("bf16"))
+    assert any("flash" in k for k in kernels("fp32"))
+
+
+def test_without_the_cast_the_lora_matmul_sees_the_bf16_activation():
+    """What the switch changes: the input dtype of LoRA's A projection under autocast."""
+
+    def lora_input_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
+        seen: set[torch.dtype] = set()
+        hooks = [
+            m.lora_A["default"].register_forward_pre_hook(lambda _, a: seen.add(a[0].dtype))
+            for m in model.modules()
+            if hasattr(m, "lora_A") and "default" in m.lora_A
+        ]
+        with torch.no_grad(), autocast_for("bf16", torch.device("cpu")):
+            model(torch.rand(2, 3, 16, 16))
+        for h in hooks:
+            h.remove()
+        return seen
+
+    assert lora_input_dtypes(_model("lora").eval()) == {torch.float32}  # peft's cast: a copy
+    fast = prepare_model(_model("lora"), precision="bf16").eval()
+    # fc2's input (GELU of a bf16 matmul) stays bf16; qkv / fc1 follow a layer norm, which
+    # autocast runs in float32 anyway.
+    assert torch.bfloat16 in lora_input_dtypes(fast)
