@@ -398,11 +398,9 @@ def train(
     with seeded_init(tc.seed):  # so that `caat-peft eval` rebuilds the same untrained weights
         model = build_classifier(cfg.model, cfg.peft, num_classes)
     model = model.to(accelerator.device)
-    prepare_model(model, precision=tc.precision)  # compiled below, once it fits the data
     _check_model_fits_data(model, splits.train, accelerator.device)
     broadcast_parameters(model, accelerator)
-    if tc.compile:
-        prepare_model(model, precision=tc.precision, compile=True)
+    prepare_model(model, precision=tc.precision, compile=tc.compile)  # after the fit check
     named = trainable_parameters(model)
     if not named:
         raise UserError("no trainable parameters: check peft.method and peft.target_modules")
