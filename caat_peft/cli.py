@@ -44,6 +44,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", default="demo_output", help="where the runs go")
     p.add_argument("--fresh", action="store_true", help="retrain the cached stage-1 checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--seed", type=int, default=0, help="seed of both stages (default 0)")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -115,7 +116,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from caat_peft.config import load_config
+    from caat_peft.config import load_config, load_run_config
     from caat_peft.data import build_splits
     from caat_peft.evaluation import run_eval, summarize
     from caat_peft.models.backbone import preprocessing_for_config
@@ -138,7 +139,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"{run_dir} is not a run directory (it has no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        cfg = load_run_config(run_dir / "config.yaml", args.overrides)
         adapter = args.adapter or run_dir / "adapter"
         output_dir = Path(args.output_dir or run_dir / "eval")
     else:
@@ -176,7 +177,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from caat_peft.demo import run_demo
 
-    run_demo(args.output_dir, fresh=args.fresh, progress=not args.no_progress)
+    run_demo(args.output_dir, fresh=args.fresh, progress=not args.no_progress, seed=args.seed)
     return 0
 
 

@@ -43,6 +43,11 @@ class ModelConfig:
     pretrained: bool = False  # timm / HF hub weights, or a registry entry's URL (needs network)
     num_classes: int | None = None  # None: taken from the data set
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    # random initialisation of a timm ViT / Swin built from config: auto = jax where no weights
+    # are loaded (timm's fixed std 0.02 is far below 1/sqrt(width) on narrow models: their
+    # class token reads an input-independent mix and short runs sit at chance; docs/models.md),
+    # timm = the architecture's own default; jax = timm's weight_init='jax' (Xavier, zero head)
+    init: str = "auto"
     mean: list[float] | None = None  # None: the checkpoint's / architecture's own preprocessing
     std: list[float] | None = None
 
@@ -305,6 +310,12 @@ def validate(cfg: Config) -> Config:
         f"peft.bottleneck_dim = {cfg.peft.bottleneck_dim} must be >= 1 (or null)",
     )
     _one_of("peft.activation", cfg.peft.activation, ("gelu", "relu", "silu", "tanh"))
+    _one_of("model.init", cfg.model.init, ("auto", "timm", "jax"))
+    _check(
+        cfg.model.init == "auto" or "weight_init" not in cfg.model.kwargs,
+        f"model.init = {cfg.model.init} and model.kwargs.weight_init both set the "
+        "initialisation (keep one)",
+    )
     _check(
         cfg.model.num_classes is None or cfg.model.num_classes >= 2,
         f"model.num_classes = {cfg.model.num_classes} must be at least 2",
@@ -489,6 +500,25 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         data = loaded or {}
     return from_dict(apply_overrides(data, list(overrides)))
+
+
+def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A run directory's saved ``config.yaml``, read as the run was made.
+
+    Runs saved before ``model.init`` existed built their random weights with timm's default
+    init; their config says so here, so that evaluation rebuilds the same weights and a resume
+    or a front names the difference instead of silently mixing two initialisations.
+    """
+    cfg = load_config(path, overrides)
+    saved = yaml.safe_load(Path(path).read_text()) or {}
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if (
+        isinstance(model, dict)
+        and "init" not in model
+        and not any(o.strip().startswith("model.init=") for o in overrides)
+    ):
+        cfg.model.init = "timm"
+    return cfg
 
 
 def first_difference(now: dict[str, Any], saved: dict[str, Any], prefix: str = "") -> str | None:

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from caat_peft.config import Config, ConfigError, first_difference, load_config, to_dict
+from caat_peft.config import (
+    Config,
+    ConfigError,
+    first_difference,
+    load_config,
+    load_run_config,
+    to_dict,
+)
 from caat_peft.errors import UserError
 from caat_peft.training import train
 from caat_peft.training.checkpoint import list_checkpoints
@@ -206,7 +213,7 @@ def point_name(method: str, value: float, seed: int, base_seed: int) -> str:
 def _saved_config_difference(point: SweepPoint, run_dir: Path) -> str | None:
     """How the run in ``run_dir`` was configured differently from ``point`` (None: the same)."""
     try:
-        saved = load_config(run_dir / "config.yaml")
+        saved = load_run_config(run_dir / "config.yaml")
     except ConfigError as exc:
         raise UserError(
             f"{point.name}: the run's config.yaml in {run_dir} no longer loads ({exc}); delete "

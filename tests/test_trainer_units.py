@@ -97,9 +97,11 @@ def test_loss_scaler_policy():
 
 def test_a_step_whose_scaled_gradient_overflows_is_skipped_and_the_scale_halves():
     cfg, model, batch = _setup()
-    scaler = LossScaler(init_scale=1e38)  # the scaled loss overflows float32
+    # 2**128 is past float32's largest value (3.4e38): the scaled loss (ln 5 here) overflows,
+    # whatever size the gradients have (a zero-initialised head makes them small)
+    scaler = LossScaler(init_scale=2.0**128)
     result, moved = _step(model, cfg, batch, scaler=scaler)
-    assert result.skipped and scaler.scale == 5e37
+    assert result.skipped and scaler.scale == 2.0**127
     assert all(float(m.abs().max()) == 0.0 for m in moved)
 
 

@@ -55,14 +55,44 @@ def _create_timm(arch: str, cfg: ModelConfig, pretrained: bool, **extra: Any) ->
             ) from None
         raise
     except (TypeError, ValueError, AssertionError) as exc:
+        if "weight_init" in extra and "weight_init" in str(exc):
+            if cfg.init == "auto":  # an architecture without timm's init modes keeps its own
+                rest = {k: v for k, v in extra.items() if k != "weight_init"}
+                return _create_timm(arch, cfg, pretrained, **rest)
+            raise UserError(
+                f"model.init = {cfg.init} is not supported by {arch} (use model.init: timm)"
+            ) from None
         raise UserError(f"model.kwargs not accepted by {arch}: {exc}") from None
 
 
-def _timm_backbone(cfg: ModelConfig, spec: BackboneSpec | None, num_classes: int) -> nn.Module:
+def weight_init_for(cfg: ModelConfig, loads_weights: bool) -> str | None:
+    """timm's ``weight_init`` mode for ``cfg``, or None for the architecture's own default.
+
+    timm ViT / Swin draw every Linear weight from N(0, 0.02²) whatever the width. On a narrow
+    model built from config (width 32: 1/sqrt(32) ≈ 0.18) the class token then carries almost
+    no input information: the head sees a near-constant feature, and a short run sits at the
+    chance loss until float noise lets it escape (measured in docs/models.md). The jax mode
+    (Xavier weights, zero head) scales with the width. Weights loaded from a file or the hub
+    overwrite the init anyway, apart from a fresh head, which keeps timm's default.
+    """
+    if "weight_init" in cfg.kwargs:
+        return None  # the user's own timm argument
+    if cfg.init == "jax" or (cfg.init == "auto" and not loads_weights):
+        return "jax"
+    return None
+
+
+def _timm_backbone(
+    cfg: ModelConfig, spec: BackboneSpec | None, num_classes: int, loads_weights: bool
+) -> nn.Module:
     """The timm model of ``cfg`` (registry architecture, conv stem) before any checkpoint."""
     arch = spec.arch if spec is not None else cfg.name
     timm_pretrained = cfg.pretrained and spec is None and not cfg.checkpoint
-    model = _create_timm(arch, cfg, timm_pretrained, num_classes=num_classes)
+    extra: dict[str, Any] = {"num_classes": num_classes}
+    init = weight_init_for(cfg, loads_weights or timm_pretrained)
+    if init is not None:
+        extra["weight_init"] = init
+    model = _create_timm(arch, cfg, timm_pretrained, **extra)
     if spec is not None and spec.stem is not None:
         model = STEMS[spec.stem](model, **spec.stem_kwargs)
     return model
@@ -89,8 +119,8 @@ def build_backbone(cfg: ModelConfig, num_classes: int) -> nn.Module:
             cfg = ModelConfig(**{**cfg.__dict__, "checkpoint": str(fetch(cfg.checkpoint))})
         return build_hf_backbone(cfg, num_classes)
     spec = get_spec(cfg.name)
-    model = _timm_backbone(cfg, spec, num_classes)
     path = checkpoint_path(cfg, spec)
+    model = _timm_backbone(cfg, spec, num_classes, loads_weights=path is not None)
     if path is not None:
         state = load_state_dict_file(path)
         _, normalizer = clean_state_dict(state)

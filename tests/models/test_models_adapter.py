@@ -161,9 +161,9 @@ def test_adapter_loads_in_a_fresh_process_once_caat_peft_is_imported(tmp_path):
         from peft import PeftModel
         data = torch.load({str(tmp_path / "expected.pt")!r})
         mean = std = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
-        def base():  # the backbone the adapters were trained on (same seed, random init)
-            torch.manual_seed(0)
-            return timm.create_model({build!r}, num_classes=5, **{VIT!r})
+        def base():  # the backbone the adapters were trained on (same seed, random init:
+            torch.manual_seed(0)  # model.init = auto builds it with timm's jax mode)
+            return timm.create_model({build!r}, num_classes=5, weight_init="jax", **{VIT!r})
         def logits(method):
             net = PeftModel.from_pretrained(base(), {str(tmp_path)!r} + "/" + method).eval()
             return net((data["x"] - mean) / std)
