@@ -142,6 +142,8 @@ def training_step(
         update = g_c
     else:
         update, stats = combiner(g_a, g_c)  # vanilla λ or CA-AT γ
+        # its norm shows a stalled run (L_adv ≈ 0 shrinks CA-AT's update with ‖g_a‖)
+        stats["norm_update"] = float(torch.stack(torch._foreach_norm(update)).norm())
         keys = ("loss_clean", "loss_adv", "acc_clean", "acc_adv")
         stats.update(zip(keys, scalars.tolist()))
         stats["finite"] = stats["finite"] and _isfinite(stats["loss_adv"])

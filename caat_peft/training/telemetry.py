@@ -81,3 +81,45 @@ def plot_conflict(metrics_path: Path, out_path: Path) -> Path | None:
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+# A step whose update is below this share of the clean gradient's norm has stalled: CA-AT's
+# projected update has norm ‖g_a‖·√(1−φ²)/√(1−γ²), so it vanishes with L_adv (TRADES' KL term
+# on a model whose outputs barely react to the input yet). Measured (docs/method.md): a TRADES
+# run that collapsed to chance had a median ‖update‖/‖g_c‖ of 0.011; healthy runs 0.95-124.
+STALL_RATIO = 0.05
+
+
+class StallMonitor:
+    """Counts stalled steps and says, once per run, why an epoch made no progress."""
+
+    def __init__(self, stalled: int = 0, *, normalized: bool = False) -> None:
+        self.stalled = stalled  # over the run (kept in checkpoints)
+        self.normalized = normalized  # combiner.normalize: the update is built from unit vectors
+        self.warned = False
+        self._epoch: list[tuple[bool, float]] = []  # (stalled, ‖g_a‖ / ‖g_c‖) per step
+
+    def update(self, stats: dict[str, Any]) -> None:
+        norm_clean, norm_update = stats.get("norm_clean"), stats.get("norm_update")
+        if not norm_clean or norm_update is None or "norm_adv" not in stats:
+            return  # standard training, or a zero clean gradient (its own case)
+        stalled = norm_update < STALL_RATIO * (1.0 if self.normalized else norm_clean)
+        self.stalled += int(stalled)
+        self._epoch.append((stalled, stats["norm_adv"] / norm_clean))
+
+    def end_epoch(self, epoch: int, objective: str) -> str | None:
+        """A one-line warning when most of this epoch's steps stalled (the first time only)."""
+        steps, self._epoch = self._epoch, []
+        n_stalled = sum(s for s, _ in steps)
+        if self.warned or not steps or 2 * n_stalled < len(steps):
+            return None
+        self.warned = True
+        ratios = sorted(r for _, r in steps)
+        return (
+            f"epoch {epoch}: the update was below {STALL_RATIO:g} of the clean gradient's norm "
+            f"in {n_stalled} of {len(steps)} steps (median ‖g_a‖/‖g_c‖ = "
+            f"{ratios[len(ratios) // 2]:.2g}): L_adv of objective {objective} is about 0, so "
+            "the CA-AT projection leaves almost nothing to step with. Start from a trained "
+            "backbone, set combiner.normalize=true, or use objective.kind=pgd-ce "
+            "(docs/method.md)"
+        )

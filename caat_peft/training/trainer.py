@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +32,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from caat_peft.attacks import pgd, sample_random_start
-from caat_peft.config import Config, config_yaml, first_difference, load_config, to_dict
+from caat_peft.config import (
+    Config,
+    config_yaml,
+    first_difference,
+    load_run_config,
+    to_dict,
+)
 from caat_peft.data import build_splits
 from caat_peft.errors import UserError
 from caat_peft.gradients import make_combiner
@@ -49,7 +56,12 @@ from caat_peft.training.distributed import broadcast_parameters, make_reducer
 from caat_peft.training.fastpath import check_can_compile, prepare_model
 from caat_peft.training.optim import LossScaler, ParameterEMA, make_optimizer, make_scheduler
 from caat_peft.training.step import MicroBatch, training_step
-from caat_peft.training.telemetry import MetricsLog, plot_conflict, tracker_scalars
+from caat_peft.training.telemetry import (
+    MetricsLog,
+    StallMonitor,
+    plot_conflict,
+    tracker_scalars,
+)
 
 
 @dataclass
@@ -352,6 +364,8 @@ class _Run:
         self.last_eval: dict[str, float] = {}
         self.stopped_early = False
         self.skipped_files: dict[str, int] = {}  # per split, entries left out (bad_files=skip)
+        # steps whose update vanished (L_adv ≈ 0 under CA-AT)
+        self.stall = StallMonitor(normalized=cfg.combiner.normalize)
 
 
 def train(
@@ -450,6 +464,7 @@ def train(
         for key in ("step", "epoch", "step_in_epoch", "skipped", "consecutive_nonfinite"):
             setattr(run, key, state[key])
         run.best, run.epochs_since_best = state["best"], state["epochs_since_best"]
+        run.stall = StallMonitor(state.get("stalled", 0), normalized=cfg.combiner.normalize)
         if run.best:
             run.best["weights"] = state["best_weights"]
         metrics_offset = state["metrics_offset"]
@@ -508,6 +523,7 @@ def train(
             "best": {k: v for k, v in run.best.items() if k != "weights"},
             "best_weights": run.best.get("weights"),
             "epochs_since_best": run.epochs_since_best,
+            "stalled": run.stall.stalled,
         }
         for key in ("step", "epoch", "step_in_epoch", "skipped", "consecutive_nonfinite"):
             state[key] = getattr(run, key)
@@ -559,6 +575,7 @@ def train(
                         )
                 else:
                     run.consecutive_nonfinite = 0
+                    run.stall.update(result.stats)
                     scheduler.step()
                     if ema is not None:
                         ema.update()
@@ -580,6 +597,9 @@ def train(
                         is_main=is_main,
                         barrier=accelerator.wait_for_everyone,
                     )
+            warning = run.stall.end_epoch(run.epoch, cfg.objective.kind)
+            if warning and is_main:
+                print(f"caat-peft: warning: {warning}", file=sys.stderr)
             _end_of_epoch(run, splits.val, test_set, run_eval, write_row, ema, named, start)
             run.epoch += 1
             run.step_in_epoch = 0
@@ -623,7 +643,7 @@ def _resume_point(cfg: Config, output_dir: Path) -> Path | None:
     """The newest complete checkpoint of the run in ``output_dir`` (None: start it afresh)."""
     if not (output_dir / "config.yaml").is_file():
         raise UserError(f"nothing to resume in {output_dir} (no config.yaml); drop --resume")
-    saved = load_config(output_dir / "config.yaml")
+    saved = load_run_config(output_dir / "config.yaml")
     now, before = to_dict(cfg), to_dict(saved)
     now["train"]["compile"] = before["train"]["compile"]  # speed only: may change on resume
     difference = first_difference(now, before)
@@ -756,6 +776,7 @@ def _finish(run: _Run, model, named, ema, test_set, run_eval, start, params) -> 
         "epochs": run.epoch - 1,
         "steps": run.step,
         "skipped_steps": run.skipped,
+        "stalled_steps": run.stall.stalled,  # update < 1e-3·‖g_c‖ (telemetry.StallMonitor)
         "skipped_files": run.skipped_files,
         "stopped_early": run.stopped_early,
         "seconds": round(time.perf_counter() - start, 3),
