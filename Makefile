@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean stability
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,8 @@ format: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) demo_output runs .pytest_cache .ruff_cache
+
+# The tests that assert training outcomes, under ATEN_CPU_CAPABILITY default / avx2 / avx512,
+# OMP_NUM_THREADS 1 / 2 and seeds 0-4 (about an hour on 2 cores; docs/reliability.md).
+stability: $(BIN)/.installed
+	$(BIN)/python tools/stability.py --out stability.json

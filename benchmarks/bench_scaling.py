@@ -38,6 +38,7 @@ def model_overrides(quick: bool) -> list[str]:
     kwargs = f"{{img_size: 32, patch_size: 4, embed_dim: 192, depth: {depth}, num_heads: 3}}"
     return [
         f"model.kwargs={kwargs}",
+        "peft.method=lora",  # the recipe itself trains every weight of its tiny model
         "data.image_size=32",
         "attack.steps=10",
         "attack.alpha=0.015",

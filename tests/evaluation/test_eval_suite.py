@@ -10,6 +10,7 @@ tests that import from it.)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 
@@ -27,6 +28,8 @@ from caat_peft.evaluation import (
     summarize,
     write_reports,
 )
+
+from conftest import OUTCOME_SEED, record_outcome
 
 #: Small enough for seconds on 2 CPU cores; every attack still runs its real code path.
 TINY_BUDGET = AttackBudget(
@@ -67,11 +70,11 @@ def digits() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def trained_model(digits: dict[str, torch.Tensor]) -> nn.Module:
-    torch.manual_seed(0)
+    torch.manual_seed(OUTCOME_SEED)
     model = make_mlp()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, y = digits["x_train"], digits["y_train"]
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(OUTCOME_SEED + 1)
     for epoch in range(10):
         for i in range(0, len(y), 64):
             xb, yb = x[i : i + 64], y[i : i + 64]
@@ -138,8 +141,17 @@ def full_result(trained_model: nn.Module, eval_data) -> dict:
 
 def test_table_for_a_trained_model(full_result):
     r = full_result
+    record_outcome(
+        "eval-table",
+        clean_acc=r["clean_accuracy"],
+        autoattack_8=r["accuracy"]["autoattack"]["8/255"],
+        autoattack_16=r["accuracy"]["autoattack"]["16/255"],
+        pgd20_16=r["accuracy"]["pgd20"]["16/255"],
+        sanity=r["sanity"]["status"],
+    )
     assert r["n_samples"] == 120
-    assert r["clean_accuracy"] > 0.8  # chance is 0.1
+    # chance is 0.1; measured 0.967 for seeds 0-4 under every kernel / thread setting
+    assert r["clean_accuracy"] > 0.8
     labels = [e["label"] for e in r["eps"]]
     assert labels == ["8/255", "16/255"]
     for attack in r["attacks"]:
@@ -187,6 +199,13 @@ def test_autoattack_is_the_per_sample_worst_case_of_its_components(full_result):
         assert after["square"] == pytest.approx(detail["accuracy"])
 
 
+# Square's queries for the masking test. Measured over model seeds 0-4 (tools/stability.py):
+# with 100, Square left the masked model at 0.88-0.95 against masked PGD-20's 0.96-0.975, and
+# for seed 4 not below it by more than the tolerance (black_box PASS); with 300, at 0.81-0.83,
+# a gap of at least 0.13 (16 of 120 images) for every seed.
+MASKING_SQUARE_QUERIES = 300
+
+
 def test_gradient_masking_is_flagged_and_the_normal_model_passes(
     masked_model, trained_model, eval_data, tiny_budget
 ):
@@ -194,16 +213,24 @@ def test_gradient_masking_is_flagged_and_the_normal_model_passes(
         attacks=["fgsm", "pgd20", "square"],
         eps_list=["16/255"],
         batch_size=60,
-        budget=tiny_budget,
+        budget=dataclasses.replace(tiny_budget, square_queries=MASKING_SQUARE_QUERIES),
         progress=False,
     )
     masked = evaluate(masked_model, eval_data, **kwargs)
     normal = evaluate(trained_model, eval_data, **kwargs)
+    record_outcome(
+        "eval-masking",
+        masked_pgd20=masked["accuracy"]["pgd20"]["16/255"],
+        normal_pgd20=normal["accuracy"]["pgd20"]["16/255"],
+        masked_square=masked["accuracy"]["square"]["16/255"],
+        masked_sanity=masked["sanity"]["status"],
+        normal_sanity=normal["sanity"]["status"],
+    )
     status = {c["id"]: c["status"] for c in masked["sanity"]["checks"]}
     assert masked["sanity"]["status"] == "WARN"
     # zero input gradients, an unbounded attack that cannot reach 0, and a black-box attack
     # that beats every white-box one: the textbook signs of masking
-    assert status["gradients"] == status["unbounded"] == status["black_box"] == "WARN"
+    assert status["gradients"] == status["unbounded"] == status["black_box"] == "WARN", str(status)
     # the masked model looks *more* robust to PGD than the honest one: exactly the trap
     assert masked["accuracy"]["pgd20"]["16/255"] > normal["accuracy"]["pgd20"]["16/255"]
     assert normal["sanity"]["status"] == "PASS", normal["sanity"]["checks"]

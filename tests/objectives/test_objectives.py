@@ -3,6 +3,7 @@ shared clean forward pass, configuration, and end-to-end training under both com
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -28,7 +29,7 @@ from caat_peft.objectives import (
 from caat_peft.training import train
 from caat_peft.training.step import grads_of
 
-from conftest import TINY_RECIPE
+from conftest import OUTCOME_SEED, TINY_RECIPE, record_outcome
 
 KINDS = ["pgd-ce", "trades", "mart", "clp"]
 
@@ -297,7 +298,8 @@ def test_config_accepts_every_objective_and_attack():
 # Digits 0 vs 1 at 16 px (chance 0.5). A randomly initialised ViT gives the adversarial losses
 # almost nothing to work with (near-constant outputs: KL ≈ 0), so the runs fine-tune, as the
 # package is meant to be used, a backbone first trained on clean images (5 epochs, 1.5 s): then
-# clean training alone reaches PGD accuracy below chance and every adversarial run far above it.
+# every adversarial run ends far more robust than clean training alone. (With timm's std-0.02
+# init that backbone sat at chance on some kernels; model.init: auto, docs/models.md.)
 COMMON = [
     "data.classes=[0,1]",
     "peft.method=full",
@@ -312,12 +314,30 @@ def clean_backbone(tmp_path_factory):
     out = tmp_path_factory.mktemp("clean")
     cfg = load_config(
         TINY_RECIPE,
-        [*COMMON, "train.epochs=5", "train.lr=3e-3", "combiner.kind=vanilla", "combiner.lam=0"],
+        [
+            *COMMON,
+            "train.epochs=5",
+            "train.lr=3e-3",
+            "combiner.kind=vanilla",
+            "combiner.lam=0",
+            f"train.seed={OUTCOME_SEED}",
+        ],
     )
     result = train(cfg, out / "run", progress=False)
     path = out / "backbone.pth"
     torch.save(result.model.net.state_dict(), path)
+    record_outcome(
+        "objectives-clean-backbone",
+        clean_acc=result.final["clean_acc"],
+        robust_acc=result.final["robust_acc"],
+    )
     return path, result.final
+
+
+def _mean_ratio(run_dir, key_num: str, key_den: str) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("type") == "step" and r.get(key_den)]
+    return sum(r[key_num] / r[key_den] for r in steps) / max(1, len(steps))
 
 
 @pytest.mark.parametrize("combiner", ["caat", "vanilla"])
@@ -335,10 +355,23 @@ def test_every_objective_learns_robustness_under_both_combiners(
             f"combiner.kind={combiner}",
             "train.epochs=8",
             "train.lr=1e-3",
+            f"train.seed={OUTCOME_SEED}",
         ],
     )
     final = train(cfg, tmp_path / "run", progress=False).final
+    record_outcome(
+        f"objectives-{kind}-{combiner}",
+        clean_acc=final["clean_acc"],
+        robust_acc=final["robust_acc"],
+        backbone_robust_acc=clean["robust_acc"],
+        adv_over_clean_norm=_mean_ratio(tmp_path / "run", "norm_adv", "norm_clean"),
+    )
+    # Thresholds from tools/stability.py: seeds 0-4 × ATEN_CPU_CAPABILITY default / avx2 /
+    # avx512 × OMP_NUM_THREADS 1 / 2 (AMD EPYC, 2026-12-02), 8 runs each; chance is 0.5.
     assert final["skipped_steps"] == 0
-    assert clean["robust_acc"] < 0.55  # clean training alone is not robust here
-    assert final["robust_acc"] >= 0.62, final  # chance is 0.5
-    assert final["clean_acc"] >= 0.75, final
+    assert clean["clean_acc"] >= 0.9  # the backbone trained: measured 0.972-1.000
+    # Clean training alone reached PGD-5 0.278-0.528 (too wide for a fixed bound); adversarial
+    # training beat it on the same seed by 0.176-0.463 (every objective, both combiners).
+    assert final["robust_acc"] >= clean["robust_acc"] + 0.1, (final, clean["robust_acc"])
+    assert final["robust_acc"] >= 0.6, final  # measured 0.657-0.852
+    assert final["clean_acc"] >= 0.9, final  # measured 1.000 in every run
