@@ -1,4 +1,4 @@
-"""``caat-peft train | eval | front | demo``: the command line.
+"""``caat-peft train | eval | compare | report | front | demo``: the command line.
 
 Mistakes a user can fix end with one line on stderr and exit code 2 (see ``errors.UserError``);
 anything else is a bug and keeps its traceback.
@@ -65,7 +65,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps", default=None, help="ε grid, e.g. 8/255,16/255")
     p.add_argument("--norm", choices=("linf", "l2"), default="linf")
     p.add_argument("--budget", choices=("standard", "fast"), default="standard")
-    p.add_argument("--limit", type=int, default=None, help="first N samples only")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="a class-stratified subset of N images (seed 0: the same images for every model)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -82,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_demo(sub)
     _add_eval(sub)
+    from caat_peft.compare import add_compare_parser
     from caat_peft.front import add_front_parser
+    from caat_peft.table import add_report_parser
 
+    add_compare_parser(sub)
+    add_report_parser(sub)
     add_front_parser(sub)
     return parser
 
@@ -198,9 +207,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        from caat_peft.compare import cmd_compare
         from caat_peft.front import cmd_front
+        from caat_peft.table import cmd_report
 
-        handlers = {"train": _cmd_train, "demo": _cmd_demo, "eval": _cmd_eval, "front": cmd_front}
+        handlers = {
+            "train": _cmd_train,
+            "demo": _cmd_demo,
+            "eval": _cmd_eval,
+            "compare": cmd_compare,
+            "report": cmd_report,
+            "front": cmd_front,
+        }
         handler = handlers[args.command]
         return handler(args)
     except UserError as exc:

@@ -148,7 +148,7 @@ class EvalConfig:
     alpha: float | None = None  # None: ε / 4
     batch_size: int = 128
     every: int = 1  # evaluate every N epochs (the last epoch always); 0: only at the end
-    limit: int | None = None  # evaluate on the first N held-out images only
+    limit: int | None = None  # a class-stratified subset of N held-out images (fixed seed)
     select_steps: int = 10  # PGD steps of the per-epoch validation robust accuracy (selection)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from caat_peft.config import Config, from_dict
+from caat_peft.stats import format_ci
 from caat_peft.training.trainer import atomic_write_text, check_output_dir, train
 
 ARCH: dict[str, Any] = {
@@ -181,12 +182,13 @@ def run_demo(
             progress=progress,
         )
         summary[method] = {
-            "clean_acc": result.final["clean_acc"],
-            "robust_acc": result.final["robust_acc"],
+            **{k: result.final[k] for k in ("clean_acc", "robust_acc")},
+            **{k: result.final[k] for k in ("clean_acc_ci", "robust_acc_ci")},
             "seconds": result.final["seconds"],
             "run_dir": str(result.run_dir),
             **{k: v for k, v in combiner.items() if k != "kind"},
         }
+    summary["paired"] = paired_rows(output_dir)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["seed"] = seed
     summary["eval"] = f"PGD-20 L∞, ε = {ATTACK['eps']}, held-out digits 5-9"
@@ -197,15 +199,39 @@ def run_demo(
     return summary
 
 
+def paired_rows(output_dir: Path) -> dict[str, Any]:
+    """CA-AT − vanilla AT on the same held-out images: clean and PGD-20, paired."""
+    from caat_peft.compare import compare
+
+    result = compare([output_dir / "caat"], [output_dir / "vanilla"])
+    keep = ("difference", "ci", "p_value", "method", "test")
+    said = {"A higher": "CA-AT higher", "B higher": "vanilla AT higher"}
+    return {
+        "clean" if r["attack"] == "clean" else "robust": {
+            **{k: r[k] for k in keep},
+            "verdict": said.get(r["verdict"], r["verdict"]),
+        }
+        for r in result["rows"]
+    }
+
+
 def format_table(summary: dict[str, Any]) -> str:
     rows = [
-        "| method | clean acc | PGD-20 acc | seconds |",
+        "| method | clean acc [95 % CI] | PGD-20 acc [95 % CI] | seconds |",
         "|---|---:|---:|---:|",
     ]
     for method, label in (("vanilla", "vanilla AT, λ = 0.5"), ("caat", "CA-AT, γ = 0.8")):
         r = summary[method]
-        rows.append(
-            f"| {label} | {r['clean_acc']:.3f} | {r['robust_acc']:.3f} | {r['seconds']:.1f} |"
-        )
+        clean = format_ci(r["clean_acc"], r.get("clean_acc_ci"))
+        robust = format_ci(r["robust_acc"], r.get("robust_acc_ci"))
+        rows.append(f"| {label} | {clean} | {robust} | {r['seconds']:.1f} |")
+    paired = summary.get("paired") or {}
+    for key, name in (("clean", "clean"), ("robust", "PGD-20")):
+        if key in paired:
+            d = paired[key]
+            rows.append(
+                f"\nCA-AT − vanilla, {name}: {format_ci(d['difference'], d['ci'])} "
+                f"(paired, exact McNemar p = {d['p_value']:.2g}): {d['verdict']}"
+            )
     rows.append(f"\nwhole demo: {summary['seconds']:.1f} s ({summary['eval']})")
     return "\n".join(rows)

@@ -35,6 +35,8 @@ from caat_peft.config import (
     to_dict,
 )
 from caat_peft.errors import UserError
+from caat_peft.front_uncertainty import hypervolume_difference, point_images, point_intervals
+from caat_peft.stats import format_ci
 from caat_peft.training import train
 from caat_peft.training.checkpoint import list_checkpoints
 from caat_peft.training.trainer import atomic_write_text
@@ -402,11 +404,17 @@ def _mean(values: list[float]) -> float:
     return float(statistics.fmean(values))
 
 
-def summarize_points(entries: dict[tuple[str, float], list[dict[str, Any]]]) -> dict[str, Any]:
+def summarize_points(
+    entries: dict[tuple[str, float], list[dict[str, Any]]],
+    images: dict[tuple[str, float], dict[int, tuple]] | None = None,
+    seeds: list[int] | None = None,
+) -> dict[str, Any]:
     """The front.json body from per-seed entries keyed by (method, value).
 
-    A point's SA and AA are the means over its seeds (per-seed values kept under "seeds");
-    fronts and hypervolumes are computed on those means.
+    A point's SA and AA are the means over its seeds (per-seed values kept under "seeds"),
+    with 95 % intervals (Wilson over images for one seed, t over seeds for several); fronts
+    and hypervolumes are computed on those means. With every point's per-image results
+    (``images[(method, value)][seed]``) the hypervolume difference gets its bootstrap interval.
     """
     points: list[dict[str, Any]] = []
     for (method, value), per_seed in entries.items():
@@ -419,6 +427,7 @@ def summarize_points(entries: dict[tuple[str, float], list[dict[str, Any]]]) -> 
             "robust_acc": _mean(aa),
             "run_dir": per_seed[0]["run_dir"],
             "seeds": per_seed,
+            **point_intervals(per_seed),
         }
         if len(per_seed) > 1:
             point["clean_acc_std"] = statistics.stdev(sa)
@@ -433,6 +442,8 @@ def summarize_points(entries: dict[tuple[str, float], list[dict[str, Any]]]) -> 
         pareto[method] = [mine[i][knob] for i in pareto_front(xy)]
         hv[method] = hypervolume(xy)
     body: dict[str, Any] = {"points": points, "hypervolume": hv, "pareto": pareto}
+    if images and seeds:
+        body["hypervolume_difference"] = hypervolume_difference(images, seeds)
 
     n_seeds = max((len(p["seeds"]) for p in points), default=0)
     if n_seeds > 1:  # the spread of the hypervolume over seeds, seed by seed
@@ -465,7 +476,10 @@ def render_markdown(front: dict[str, Any]) -> str:
     if seeds:
         lines.append(
             f"SA = clean accuracy, AA = {attack} accuracy on the held-out split"
-            + (f"; mean ± std over seeds {', '.join(map(str, seeds))}." if several else ".")
+            + (f"; means over seeds {', '.join(map(str, seeds))}" if several else "")
+            + ". Brackets: 95 % intervals ("
+            + ("Student t over seeds" if several else "Wilson score over images")
+            + ")."
         )
         lines.append("")
     lines.append(f"| method | trade-off | SA | AA ({attack}) | on front | run |")
@@ -473,10 +487,8 @@ def render_markdown(front: dict[str, Any]) -> str:
     for p in front["points"]:
         method, knob = p["method"], METHODS[p["method"]]
         on = p[knob] in front["pareto"][method]
-        sa, aa = f"{p['clean_acc']:.4f}", f"{p['robust_acc']:.4f}"
-        if "clean_acc_std" in p:
-            sa += f" ± {p['clean_acc_std']:.4f}"
-            aa += f" ± {p['robust_acc_std']:.4f}"
+        sa = format_ci(p["clean_acc"], p.get("clean_acc_ci"), 4)
+        aa = format_ci(p["robust_acc"], p.get("robust_acc_ci"), 4)
         lines.append(
             f"| {_DISPLAY[method]} | {_SYMBOL[method]} = {_fmt(p[knob])} | {sa} | {aa} | "
             f"{'✓' if on else ''} | {p['run_dir']} |"
@@ -487,6 +499,19 @@ def render_markdown(front: dict[str, Any]) -> str:
         "Hypervolume (area of the unit square dominated by the front, reference (0, 0); "
         f"higher is better): vanilla AT **{hv['vanilla']:.4f}**, CA-AT **{hv['caat']:.4f}**.",
     ]
+    difference = front.get("hypervolume_difference")
+    if difference:
+        lines += [
+            "",
+            f"**{difference['verdict']}** ({difference['method']}, "
+            f"{difference['replicates']} resamples.)",
+        ]
+    elif front.get("complete", True) and "hypervolume_difference" in front:
+        lines += [
+            "",
+            "No interval on the hypervolume difference: some run lacks per-image "
+            "results (eval_samples.json) or was scored on other images.",
+        ]
     if not front.get("complete", True):
         lines += ["", "*Sweep in progress: points still missing.*"]
     return "\n".join(lines) + "\n"
@@ -530,9 +555,15 @@ def plot_front(front: dict[str, Any], path: str | Path) -> None:
                 s=28,
             )
         for p, (x, y) in zip(mine, xy):
-            if "clean_acc_std" in p:
+            if p.get("clean_acc_ci") and p.get("robust_acc_ci"):  # the 95 % intervals
+                (x_lo, x_hi), (y_lo, y_hi) = p["clean_acc_ci"], p["robust_acc_ci"]
                 ax.errorbar(
-                    x, y, xerr=p["clean_acc_std"], yerr=p["robust_acc_std"], color=colour, lw=0.8
+                    x,
+                    y,
+                    xerr=[[max(0.0, x - x_lo)], [max(0.0, x_hi - x)]],
+                    yerr=[[max(0.0, y - y_lo)], [max(0.0, y_hi - y)]],
+                    color=colour,
+                    lw=0.8,
                 )
             ax.annotate(
                 f"{_SYMBOL[method]}={_fmt(p[knob])}",
@@ -544,7 +575,16 @@ def plot_front(front: dict[str, Any], path: str | Path) -> None:
             )
     ax.set_xlabel("SA (clean accuracy)")
     ax.set_ylabel(f"AA ({front.get('eval_attack_title', 'robust')} accuracy)")
-    ax.set_title(f"SA–AA front: {Path(front.get('recipe', '')).name}", fontsize=10)
+    title = f"SA–AA front: {Path(front.get('recipe', '')).name}"
+    difference = front.get("hypervolume_difference")
+    if difference:  # the verdict in words, as front.md gives it
+        lo, hi = difference["ci"]
+        said = "CA-AT above" if lo > 0 else "vanilla AT above" if hi < 0 else "not distinguishable"
+        title += (
+            f"\nHV(CA-AT) − HV(vanilla) {difference['caat_minus_vanilla']:+.3f} "
+            f"[{lo:+.3f}, {hi:+.3f}]: {said}"
+        )
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     if front["points"]:
         ax.legend(fontsize=8, loc="best")
@@ -642,6 +682,7 @@ def run_front(
     if eval_attack == "autoattack":
         front["budget"] = budget if isinstance(budget, str) else repr(budget)
     entries: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    images: dict[tuple[str, float], dict[int, tuple]] = {}
     for number, point in enumerate(points, 1):
         run_dir = out / point.name
         state = _run_state(run_dir)
@@ -679,13 +720,18 @@ def run_front(
             progress=progress,
         )
         entries.setdefault((point.method, point.value), []).append(entry)
+        scored = point_images(run_dir, entry["model"], eval_attack)
+        if scored is not None:
+            images.setdefault((point.method, point.value), {})[point.seed] = scored
         seconds = time.perf_counter() - start
         _say(
             progress,
             f"{head}: {what}, SA {entry['clean_acc']:.4f}, AA {entry['robust_acc']:.4f} "
             f"({seconds:.1f} s)",
         )
-        front.update(summarize_points(entries), complete=number == len(points))
+        done = number == len(points)
+        body = summarize_points(entries, images if done else None, front["seeds"])
+        front.update(body, complete=done)
         _write_reports(front, out, plot=number == len(points))
     return front
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from caat_peft import front
 from caat_peft.config import save_config
 from caat_peft.errors import UserError
+from caat_peft.evaluation.samples import write_samples
 from caat_peft.front import (
     dominates,
     hypervolume,
@@ -28,6 +29,7 @@ from caat_peft.front import (
     point_name,
     run_front,
 )
+from caat_peft.front_uncertainty import hypervolume_difference, point_images
 
 from conftest import TINY_RECIPE
 
@@ -41,6 +43,7 @@ TINY = [
     "attack.steps=1",
 ]
 POINT_KEYS = {"method", "clean_acc", "robust_acc", "run_dir", "seeds"}
+POINT_KEYS |= {"clean_acc_ci", "robust_acc_ci", "interval_method"}
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +162,10 @@ class FakeTrain:
     0.01·s. ``fail_on`` names a run that dies after writing config.yaml (a killed run).
     """
 
-    def __init__(self, fail_on: str | None = None) -> None:
+    def __init__(self, fail_on: str | None = None, caat_bonus: float = 0.0) -> None:
         self.calls: list[tuple[str, bool, bool]] = []
         self.fail_on = fail_on
+        self.caat_bonus = caat_bonus
 
     def __call__(self, cfg, output_dir, *, overwrite=False, resume=False, progress=True):
         run_dir = Path(output_dir)
@@ -175,8 +179,13 @@ class FakeTrain:
             sa, aa = 0.9 - 0.4 * c.lam, 0.1 + 0.3 * c.lam
         else:
             sa, aa = 0.8 - 0.3 * (1 - c.gamma), 0.15 + 0.4 * (1 - c.gamma)
-        bump = 0.01 * cfg.train.seed
-        final = {"clean_acc": sa + bump, "robust_acc": aa + bump, "eval_n": 16, "seconds": 0.1}
+        bump = 0.01 * cfg.train.seed + self.caat_bonus * (c.kind == "caat")
+        n, sa, aa = 100, round((sa + bump) * 100), round((aa + bump) * 100)
+        final = {"clean_acc": sa / n, "robust_acc": aa / n, "eval_n": n, "seconds": 0.1}
+        final.update(eval_attack="pgd20-linf", eval_eps=8 / 255)
+        # per image: the first sa images clean-correct, the first aa of them robust too
+        scored = {"clean": [1] * sa + [0] * (n - sa), "robust": [1] * aa + [0] * (n - aa)}
+        write_samples(run_dir, final, {"last": scored}, [0] * n, None)
         (run_dir / "final.json").write_text(json.dumps(final))
         return SimpleNamespace(final=final, run_dir=run_dir, is_main_process=True)
 
@@ -235,9 +244,48 @@ def test_front_json_layout_and_values(tmp_path, monkeypatch):
     assert on_disk["pareto"]["vanilla"] == [1.0, 0.5, 0.0]
     assert on_disk["hypervolume"]["vanilla"] == pytest.approx(0.5 * 0.4 + 0.2 * 0.25 + 0.2 * 0.1)
     assert on_disk["eval_attack"] == "pgd20"
+    difference = on_disk["hypervolume_difference"]
+    hv = on_disk["hypervolume"]
+    assert difference["caat_minus_vanilla"] == pytest.approx(hv["caat"] - hv["vanilla"])
+    assert difference["ci"][0] <= difference["caat_minus_vanilla"] <= difference["ci"][1]
+    assert difference["n_images"] == 100 and difference["method"] == "paired bootstrap over images"
+    for p in on_disk["points"]:
+        lo, hi = p["robust_acc_ci"]
+        assert lo < p["robust_acc"] < hi and p["interval_method"].startswith("Wilson")
     table = (tmp_path / "f" / "front.md").read_text()
+    assert difference["verdict"] in table
     assert "| vanilla AT | λ = 0.5 |" in table and "| CA-AT | γ = 0.8 |" in table
     assert (tmp_path / "f" / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_verdict_says_which_front_is_above_only_when_the_interval_excludes_zero(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(front, "train", FakeTrain(caat_bonus=0.15))
+    clear = _sweep(tmp_path / "clear", lambdas=[0, 1], gammas=[0.8, 1])["hypervolume_difference"]
+    assert clear["ci"][0] > 0 and clear["verdict"].startswith("CA-AT's front is above")
+    monkeypatch.setattr(front, "train", FakeTrain(caat_bonus=0.0))  # vanilla's HV 0.24 vs 0.18
+    behind = _sweep(tmp_path / "behind", lambdas=[0, 1], gammas=[0.8, 1])
+    assert behind["hypervolume_difference"]["ci"][1] < 0
+    assert behind["hypervolume_difference"]["verdict"].startswith("Vanilla AT's front is above")
+    # The same runs on both sides: a difference of exactly 0, with an interval [0, 0].
+    images = {}
+    for (method, value), per_seed in _images_of(tmp_path / "behind").items():
+        if method == "vanilla":
+            images[("vanilla", value)] = images[("caat", value)] = per_seed
+    same = hypervolume_difference(images, [0], replicates=200)
+    assert same["caat_minus_vanilla"] == 0 and same["ci"] == [0.0, 0.0]
+    assert same["verdict"].startswith("The fronts are not distinguishable at this size")
+
+
+def _images_of(out: Path) -> dict:
+    result = json.loads((out / "front.json").read_text())
+    return {
+        (p["method"], p.get("lam", p.get("gamma"))): {
+            0: point_images(out / p["run_dir"], "last", "pgd20")
+        }
+        for p in result["points"]
+    }
 
 
 def test_seeds_are_averaged_and_kept(tmp_path, monkeypatch):
@@ -255,6 +303,9 @@ def test_seeds_are_averaged_and_kept(tmp_path, monkeypatch):
     assert van["clean_acc"] == pytest.approx(0.7 + 0.005)
     assert van["clean_acc_std"] == pytest.approx(0.01 / 2**0.5)
     assert len(result["hypervolume_per_seed"]["caat"]) == 2
+    assert van["interval_method"] == "Student t interval over seeds"
+    difference = result["hypervolume_difference"]
+    assert difference["n_seeds"] == 2 and difference["method"].endswith("images and seeds")
 
 
 def test_validation_selected_model_is_used(tmp_path, monkeypatch):

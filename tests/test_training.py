@@ -248,6 +248,7 @@ def test_a_reloaded_run_is_the_trained_model_even_without_a_checkpoint(tmp_path,
     """The tiny recipe's backbone comes from no file: `caat-peft eval` must rebuild the same
     frozen weights (seeded by train.seed), whatever the global RNG state is."""
     from caat_peft.data import build_splits
+    from caat_peft.data.subset import limited
     from caat_peft.models import preprocessing_for_config
     from caat_peft.models.loading import load_trained
 
@@ -262,8 +263,10 @@ def test_a_reloaded_run_is_the_trained_model_even_without_a_checkpoint(tmp_path,
         assert state.keys() == trained.keys()
         for key, value in trained.items():
             assert torch.equal(state[key], value), key
-    x = torch.stack([splits.test[i][0] for i in range(32)])
-    y = torch.tensor([splits.test[i][1] for i in range(32)])
+    test_set, subset = limited(splits.test, tiny_cfg.eval.limit)  # the trainer's images
+    assert subset == result.final["eval_subset"] and len(test_set) == 32
+    x = torch.stack([test_set[i][0] for i in range(32)])
+    y = torch.tensor([test_set[i][1] for i in range(32)])
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
     assert acc == pytest.approx(result.final["clean_acc"], abs=1e-9)

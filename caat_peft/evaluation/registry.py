@@ -30,8 +30,8 @@ _TA_NORM = {"linf": "Linf", "l2": "L2"}
 
 #: The paper's Table 1 grid (L∞, pixel space).
 DEFAULT_LINF_EPS: tuple[float, ...] = (8 / 255, 16 / 255, 24 / 255, 32 / 255)
-#: L2 default: RobustBench's CIFAR L2 budget (0.5) and twice it. For 224 px inputs RobustBench's
-#: ImageNet L2 budget is 3.0 — pass it explicitly.
+#: L2 default: RobustBench's CIFAR L2 budget (0.5) and twice it. RobustBench's ImageNet board is
+#: L∞ only; the L2 robust-ImageNet literature uses 3.0 at 224 px — pass it explicitly.
 DEFAULT_L2_EPS: tuple[float, ...] = (0.5, 1.0)
 DEFAULT_EPS: dict[str, tuple[float, ...]] = {"linf": DEFAULT_LINF_EPS, "l2": DEFAULT_L2_EPS}
 

@@ -39,6 +39,11 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _with_ci(value: float, ci: list[float] | None) -> str:
+    """``0.4500 [0.419, 0.481]``; results written before intervals existed print bare."""
+    return f"{value:.4f}" if not ci else f"{value:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def render_markdown(result: dict) -> str:
     """The report: clean accuracy, ε × attack table, AutoAttack breakdown, sanity checks."""
     n = result["n_samples"]
@@ -60,22 +65,41 @@ def render_markdown(result: dict) -> str:
             "not comparable with standard AutoAttack / RobustBench figures."
         )
         lines.append("")
-    lines.append(f"**Standard (clean) accuracy: {result['clean_accuracy']:.4f}**")
+    ci = result.get("intervals") or {}
+    clean_ci = _with_ci(result["clean_accuracy"], ci.get("clean"))
+    lines.append(f"**Standard (clean) accuracy: {clean_ci}**")
     lines.append("")
+    subset = cfg.get("subset")
+    if subset:
+        lines.append(
+            f"Images: a class-stratified subset of {subset['n']} of {subset['of']} (seed "
+            f"{subset['seed']}, indices hash `{subset['sha256']}`)."
+        )
+        lines.append("")
     header = ["ε", *[display_name(a) for a in attacks]]
     if len(attacks) > 1:
         header.append("Worst case")
     lines.append(_row(header))
     lines.append(_row(["---"] + ["---:"] * (len(header) - 1)))
     for lb in labels:
-        cells = [lb] + [f"{result['accuracy'][a][lb]:.4f}" for a in attacks]
+        acc_ci = ci.get("accuracy", {})
+        cells = [lb] + [
+            _with_ci(result["accuracy"][a][lb], acc_ci.get(a, {}).get(lb)) for a in attacks
+        ]
         if len(attacks) > 1:
-            cells.append(f"**{result['worst_case'][lb]:.4f}**")
+            worst = _with_ci(result["worst_case"][lb], ci.get("worst_case", {}).get(lb))
+            cells.append(f"**{worst}**")
         lines.append(_row(cells))
     lines.append("")
     lines.append(
         "Entries are robust accuracy (correct on the clean input *and* under the attack). "
         "*Worst case* counts a sample as robust only if it survives every attack in its row."
+        + (
+            f" Brackets: {ci['confidence']:.0%} {ci['method']} (n = {n}); to compare two "
+            "models on the same images use `caat-peft compare`."
+            if ci
+            else ""
+        )
     )
 
     aa = result.get("autoattack")

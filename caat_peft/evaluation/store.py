@@ -95,11 +95,19 @@ class ResultStore:
 
     # ---------------------------------------------------------------- manifest
 
-    def open(self, *, fingerprint: str, norm: str, seed: int, n_classes: int) -> None:
+    def open(
+        self,
+        *,
+        fingerprint: str,
+        norm: str,
+        seed: int,
+        n_classes: int,
+        subset: dict | None = None,
+    ) -> None:
         """Create the manifest, or check that an existing one belongs to this evaluation.
 
-        A different model, norm, seed or class count would make old per-sample results wrong,
-        so that is a UserError rather than a silent mix.
+        A different model, norm, seed, class count or image subset would make old per-sample
+        results wrong, so that is a UserError rather than a silent mix.
         """
         self._manifest = {
             "format": STATE_FORMAT,
@@ -107,6 +115,7 @@ class ResultStore:
             "norm": norm,
             "seed": seed,
             "n_classes": n_classes,
+            "subset": subset,
         }
         if self.root is None:
             return
@@ -122,7 +131,7 @@ class ResultStore:
                 f"resume state {path} is unreadable ({exc}); delete {self.root} or pass another "
                 "resume directory"
             ) from None
-        for key in ("format", "model_fingerprint", "norm", "seed", "n_classes"):
+        for key in ("format", "model_fingerprint", "norm", "seed", "n_classes", "subset"):
             if old.get(key) != self._manifest[key]:
                 what = "model" if key == "model_fingerprint" else key
                 raise UserError(

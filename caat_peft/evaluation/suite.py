@@ -32,6 +32,7 @@ from torch.utils.data import (
 )
 from tqdm import tqdm
 
+from caat_peft.data.subset import SUBSET_SEED, limited
 from caat_peft.errors import UserError
 from caat_peft.evaluation.registry import (
     AttackBudget,
@@ -46,6 +47,7 @@ from caat_peft.evaluation.registry import (
 )
 from caat_peft.evaluation.sanity import run_sanity_checks, sanity_plan
 from caat_peft.evaluation.store import PairState, ResultStore
+from caat_peft.stats import CONFIDENCE, WILSON, wilson_interval
 
 RESULT_FORMAT = "caat-peft-eval/1"
 _RANGE_SLACK = 1e-4
@@ -75,15 +77,23 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Source:
-    """Deterministic, optionally truncated batches of (start index, images, labels).
+    """Deterministic batches of (start index, images, labels), optionally a stratified subset.
 
     Order matters: resume files are indexed by sample position, so a shuffling loader is refused.
     Map-style datasets (also those behind a non-shuffling DataLoader) are re-batched to
     ``batch_size`` and can start at any index without reading the skipped samples.
     """
 
-    def __init__(self, data: Any, batch_size: int, limit: int | None, num_workers: int) -> None:
-        self.batch_size, self.limit, self.num_workers = batch_size, limit, num_workers
+    def __init__(
+        self,
+        data: Any,
+        batch_size: int,
+        limit: int | None,
+        num_workers: int,
+        subset_seed: int = SUBSET_SEED,
+    ) -> None:
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.subset: dict[str, Any] | None = None
         self.dataset: Dataset | None = None
         self.iterable: Iterable | None = None
         self.collate_fn = None
@@ -129,13 +139,24 @@ class _Source:
                 "data must be a Dataset, a non-shuffling DataLoader, an (images, labels) tensor "
                 f"pair or a re-iterable of (images, labels) batches; got {type(data).__name__}"
             )
+        if limit is not None:
+            self._stratify(limit, subset_seed)
+
+    def _stratify(self, limit: int, seed: int) -> None:
+        """Cut to a seeded, class-stratified ``limit`` (a prefix of a class-ordered list would
+        hold a few classes only); a stream cannot be sampled that way, so it is refused."""
+        if self.dataset is None:
+            raise UserError(
+                f"limit={limit} needs a map-style Dataset (a stratified subset picks images by "
+                "index); pass the Dataset or a non-shuffling DataLoader over it, or drop limit"
+            )
+        self.dataset, self.subset = limited(self.dataset, limit, seed)
 
     @property
     def n(self) -> int | None:
         if self.dataset is None:
             return None
-        n = len(self.dataset)  # type: ignore[arg-type]
-        return n if self.limit is None else min(n, self.limit)
+        return len(self.dataset)  # type: ignore[arg-type]
 
     def batches(self, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         if self.dataset is not None:
@@ -159,26 +180,23 @@ class _Source:
         yield from self._rechunk(start)
 
     def _rechunk(self, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        bs, limit = self.batch_size, self.limit
+        bs = self.batch_size
         xs: list[torch.Tensor] = []
         ys: list[torch.Tensor] = []
         pending, pos, emit = 0, 0, start
         for batch in self.iterable or ():
             x, y = _split_batch(batch)
             lo = max(0, start - pos)
-            hi = len(y) if limit is None else min(len(y), limit - pos)
-            if hi > lo:
-                xs.append(x[lo:hi])
-                ys.append(y[lo:hi])
-                pending += hi - lo
+            if len(y) > lo:
+                xs.append(x[lo:])
+                ys.append(y[lo:])
+                pending += len(y) - lo
             pos += len(y)
             while pending >= bs:
                 x_all, y_all = torch.cat(xs), torch.cat(ys)
                 yield emit, x_all[:bs], y_all[:bs]
                 emit += bs
                 xs, ys, pending = [x_all[bs:]], [y_all[bs:]], pending - bs
-            if limit is not None and pos >= limit:
-                break
         if pending:
             yield emit, torch.cat(xs), torch.cat(ys)
 
@@ -422,6 +440,7 @@ def evaluate(
     progress: bool = True,
     tolerance: float = 0.01,
     num_workers: int = 0,
+    subset_seed: int = SUBSET_SEED,
 ) -> dict:
     """Evaluate ``model`` against every attack × ε and return the result as a JSON-able dict.
 
@@ -432,6 +451,8 @@ def evaluate(
     "standard" (the AutoAttack protocol), "fast", or an :class:`AttackBudget`. With
     ``resume_dir``, per-sample results are saved after every batch and a re-run skips what is
     done. ``tolerance`` is the sanity checks' slack as a fraction of samples (at least 1 sample).
+    ``limit`` evaluates a class-stratified subset drawn with ``subset_seed`` (the same images
+    for every model given the same data, limit and seed; recorded under ``config["subset"]``).
     The model is evaluated in eval mode with frozen parameters; both are restored afterwards.
     """
     norm = check_norm(norm)
@@ -445,7 +466,7 @@ def evaluate(
     if not 0 <= tolerance < 1:
         raise UserError(f"tolerance={tolerance!r} must be a fraction in [0, 1), e.g. 0.01")
     device = _pick_device(model, device)
-    source = _Source(data, batch_size, limit, num_workers)
+    source = _Source(data, batch_size, limit, num_workers, subset_seed)
 
     # DataLoader iterators and the attacks draw from torch's global RNG: fork it so that the
     # caller's random stream is the same with or without an evaluation in between.
@@ -480,7 +501,13 @@ def evaluate(
 
         fingerprint = model_fingerprint(model)
         store = ResultStore(resume_dir)
-        store.open(fingerprint=fingerprint, norm=norm, seed=seed, n_classes=n_classes)
+        store.open(
+            fingerprint=fingerprint,
+            norm=norm,
+            seed=seed,
+            n_classes=n_classes,
+            subset=source.subset,
+        )
         states: dict[tuple[str, str], PairState] = {}
         for a, e in pairs:
             lb = eps_label(e, norm)
@@ -489,8 +516,6 @@ def evaluate(
         _run_batches(model, source, store, states, configs, norm, seed, device, n_classes, progress)
 
     n = len(store.labels) if source.n is None else min(source.n, len(store.labels))
-    if limit is not None:
-        n = min(n, limit)
     if n == 0:
         raise UserError("the evaluation data is empty; check the dataset path and split")
     return _assemble(
@@ -509,6 +534,7 @@ def evaluate(
             "norm": norm,
             "batch_size": batch_size,
             "limit": limit,
+            "subset": source.subset,
             "seed": seed,
             "tolerance": tolerance,
             "budget": asdict(budget),
@@ -704,6 +730,7 @@ def _assemble(
         sanity_result["accuracy"] = extra
         sanity_result["probe"] = probe
 
+    intervals = _intervals(n, sum(clean), per_sample, worst_ps)
     config = dict(config)
     config["attack_configs"] = {a: configs[a].describe() for a in names}
     config["sanity_attack_configs"] = {
@@ -719,15 +746,36 @@ def _assemble(
         "eps": config["eps"],
         "accuracy": accuracy,
         "worst_case": worst,
+        "intervals": intervals,
         "autoattack": autoattack,
         "sanity": sanity_result,
         "perturbation": perturbation,
         "seconds": seconds,
         "config": config,
         "per_sample": {
+            "labels": store.labels[:n],
             "clean": clean,
             "attacks": per_sample,
             "worst_case": worst_ps,
             "autoattack_broken_by": broken_ps,
         },
+    }
+
+
+def _intervals(
+    n: int,
+    clean_count: int,
+    per_sample: Mapping[str, Mapping[str, list[int]]],
+    worst_ps: Mapping[str, list[int]],
+) -> dict:
+    """95 % Wilson intervals over the images for every accuracy the report prints."""
+    return {
+        "method": WILSON,
+        "confidence": CONFIDENCE,
+        "clean": list(wilson_interval(clean_count, n)),
+        "accuracy": {
+            name: {lb: list(wilson_interval(sum(v), n)) for lb, v in by_eps.items()}
+            for name, by_eps in per_sample.items()
+        },
+        "worst_case": {lb: list(wilson_interval(sum(v), n)) for lb, v in worst_ps.items()},
     }

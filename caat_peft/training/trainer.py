@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from caat_peft.attacks import pgd, sample_random_start
 from caat_peft.config import (
@@ -40,7 +40,9 @@ from caat_peft.config import (
     to_dict,
 )
 from caat_peft.data import build_splits
+from caat_peft.data.subset import SUBSET_SEED, dataset_labels, limited
 from caat_peft.errors import UserError
+from caat_peft.evaluation.samples import write_samples
 from caat_peft.gradients import make_combiner
 from caat_peft.models import (
     PixelClassifier,
@@ -51,6 +53,7 @@ from caat_peft.models import (
     trainable_parameters,
 )
 from caat_peft.objectives import build_objective
+from caat_peft.stats import WILSON, wilson_interval
 from caat_peft.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from caat_peft.training.distributed import broadcast_parameters, make_reducer
 from caat_peft.training.fastpath import check_can_compile, prepare_model
@@ -275,9 +278,10 @@ def evaluate(
     batch_size: int = 128,
     num_workers: int = 0,
 ) -> dict[str, float]:
-    """Clean accuracy and PGD-``steps`` accuracy (random start from ``seed``) over ``dataset``.
+    """Clean accuracy and PGD-``steps`` accuracy (random start from ``seed``) over ``dataset``,
+    with every image's result (``clean`` / ``robust``: lists of 0/1 in dataset order).
 
-    Each process takes every ``world``-th sample; the counts are summed across processes.
+    Each process takes every ``world``-th sample; the results are summed across processes.
     """
     model.eval()
     device = accelerator.device
@@ -292,18 +296,30 @@ def evaluate(
         generator=torch.Generator().manual_seed(seed),
     )
     generator = torch.Generator(device=device).manual_seed(seed)
-    counts = torch.zeros(3, device=device)
+    n = len(dataset)
+    # Per image (clean correct, robust correct), each process filling its own positions: the
+    # sum over processes is every image's result, which paired comparisons need.
+    flags = torch.zeros(2, n, device=device)
+    positions = torch.tensor(sampler.indices, dtype=torch.long, device=device)
+    done = 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         pred_clean = model(x).argmax(1)
         x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator)
         pred_adv = model(x_adv).argmax(1)
-        counts += torch.stack(
-            [(pred_clean == y).sum(), (pred_adv == y).sum(), torch.tensor(len(y), device=device)]
-        ).float()
-    counts = accelerator.reduce(counts, reduction="sum")
-    clean, robust, n = counts.tolist()
-    return {"clean_acc": clean / n, "robust_acc": robust / n, "n": int(n)}
+        where = positions[done : done + len(y)]
+        flags[0, where] = (pred_clean == y).float()
+        flags[1, where] = (pred_adv == y).float()
+        done += len(y)
+    flags = accelerator.reduce(flags, reduction="sum")
+    clean, robust = (flags > 0.5).int().tolist()
+    return {
+        "clean_acc": sum(clean) / n,
+        "robust_acc": sum(robust) / n,
+        "n": n,
+        "clean": clean,
+        "robust": robust,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,6 +371,7 @@ class _Run:
             model,
         )
         self.step = 0  # optimiser steps taken
+        self.samples: dict[str, dict[str, Any]] = {}  # final evaluations, per image
         self.epoch = 1  # the epoch in progress
         self.step_in_epoch = 0
         self.skipped = 0
@@ -430,9 +447,8 @@ def train(
     steps_per_epoch = (len(splits.train) // micro_global) // tc.grad_accum_steps
     if steps_per_epoch == 0:
         raise UserError("the training set is smaller than one global batch; lower train.batch_size")
-    test_set = splits.test
-    if cfg.eval.limit is not None and cfg.eval.limit < len(test_set):
-        test_set = Subset(test_set, range(cfg.eval.limit))
+    # The same stratified images for every run of a comparison (seed fixed, not train.seed).
+    test_set, test_subset = limited(splits.test, cfg.eval.limit, SUBSET_SEED)
 
     optimizer = make_optimizer(named, tc)
     total_steps = steps_per_epoch * tc.epochs
@@ -610,8 +626,10 @@ def train(
     log.close()
     if cfg.train.log_with:
         accelerator.end_training()
+    final["eval_subset"] = test_subset
     if is_main:
         _save_model(model, ema, output_dir / "adapter")
+        write_samples(output_dir, final, run.samples, dataset_labels(test_set), test_subset)
         atomic_write_text(output_dir / "final.json", json.dumps(final, indent=2) + "\n")
         if tc.plots:
             plot_conflict(output_dir / "metrics.jsonl", output_dir / "conflict.png")
@@ -767,10 +785,11 @@ def _finish(run: _Run, model, named, ema, test_set, run_eval, start, params) -> 
         run.last_eval = run_eval(test_set, cfg.eval.steps, seed_offset=0)
         if ema is not None:
             ema.swap()
+    run.samples = {"last": run.last_eval}
     final: dict[str, Any] = {
-        "clean_acc": run.last_eval["clean_acc"],
-        "robust_acc": run.last_eval["robust_acc"],
+        **_scores(run.last_eval),
         "eval_n": run.last_eval["n"],
+        "interval_method": WILSON,
         "eval_attack": f"pgd{cfg.eval.steps}-{cfg.attack.norm}",
         "eval_eps": cfg.attack.eps if cfg.eval.eps is None else cfg.eval.eps,
         "epochs": run.epoch - 1,
@@ -795,10 +814,21 @@ def _finish(run: _Run, model, named, ema, test_set, run_eval, start, params) -> 
                 p.copy_(w)
         final["best"] = {
             **{k: v for k, v in run.best.items() if k != "weights"},
-            "clean_acc": best_test["clean_acc"],
-            "robust_acc": best_test["robust_acc"],
+            **_scores(best_test),
         }
+        run.samples["best"] = best_test
     return final
+
+
+def _scores(result: dict[str, Any]) -> dict[str, Any]:
+    """final.json's accuracies with their 95 % Wilson intervals over the held-out images."""
+    n = result["n"]
+    return {
+        "clean_acc": result["clean_acc"],
+        "robust_acc": result["robust_acc"],
+        "clean_acc_ci": list(wilson_interval(sum(result["clean"]), n)),
+        "robust_acc_ci": list(wilson_interval(sum(result["robust"]), n)),
+    }
 
 
 def _postfix(stats: dict[str, Any]) -> dict[str, str]:

@@ -345,8 +345,8 @@ def test_user_errors_name_the_thing(trained_model, eval_data):
 
 
 def test_dataloader_and_iterable_inputs_agree(trained_model, eval_data):
-    x, y = eval_data
-    kwargs = dict(attacks=["pgd20"], eps_list=["8/255"], limit=50, batch_size=20, sanity=False)
+    x, y = eval_data[0][:50], eval_data[1][:50]
+    kwargs = dict(attacks=["pgd20"], eps_list=["8/255"], batch_size=20, sanity=False)
     kwargs["progress"] = False
     from_tensors = evaluate(trained_model, (x, y), **kwargs)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
@@ -354,6 +354,15 @@ def test_dataloader_and_iterable_inputs_agree(trained_model, eval_data):
     assert evaluate(trained_model, loader, **kwargs)["per_sample"] == from_tensors["per_sample"]
     assert evaluate(trained_model, batches, **kwargs)["per_sample"] == from_tensors["per_sample"]
     assert from_tensors["n_samples"] == 50
+    # A stratified limit picks images by index: the same from tensors and from a loader,
+    # refused for a stream (which could only give a prefix).
+    limited = evaluate(trained_model, (x, y), limit=30, **kwargs)
+    assert (
+        evaluate(trained_model, loader, limit=30, **kwargs)["per_sample"] == (limited["per_sample"])
+    )
+    assert limited["config"]["subset"]["n"] == 30
+    with pytest.raises(UserError, match="map-style Dataset"):
+        evaluate(trained_model, batches, limit=30, **kwargs)
 
 
 def test_l2_evaluation_runs(trained_model, eval_data, tiny_budget):
@@ -377,6 +386,7 @@ def test_l2_evaluation_runs(trained_model, eval_data, tiny_budget):
 
 DOCUMENTED_KEYS = {
     "format",
+    "intervals",
     "n_samples",
     "norm",
     "protocol",
@@ -406,7 +416,17 @@ def test_eval_json_has_the_documented_keys(full_result, tmp_path):
     for key in ("attacks", "eps", "norm", "batch_size", "seed", "budget", "protocol"):
         assert key in data["config"]
     assert data["config"]["attack_configs"]["apgd-ce"]["cls"] == "APGD"
-    assert set(data["per_sample"]) == {"clean", "attacks", "worst_case", "autoattack_broken_by"}
+    assert set(data["per_sample"]) == {
+        "labels",
+        "clean",
+        "attacks",
+        "worst_case",
+        "autoattack_broken_by",
+    }
+    lo, hi = data["intervals"]["worst_case"]["8/255"]
+    assert lo <= data["worst_case"]["8/255"] <= hi and data["intervals"]["method"].startswith(
+        "Wilson"
+    )
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temp files
 
 
@@ -430,8 +450,10 @@ def test_eval_md_is_laid_out_like_table_1(full_result):
     rows = [line for line in lines if line.startswith("| 8/255 |") or line.startswith("| 16/255 |")]
     assert len(rows) >= 2
     first = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert first[2] == f"{full_result['accuracy']['pgd20']['8/255']:.4f}"
-    assert f"**Standard (clean) accuracy: {full_result['clean_accuracy']:.4f}**" in md
+    lo, hi = full_result["intervals"]["accuracy"]["pgd20"]["8/255"]
+    assert first[2] == f"{full_result['accuracy']['pgd20']['8/255']:.4f} [{lo:.3f}, {hi:.3f}]"
+    assert f"**Standard (clean) accuracy: {full_result['clean_accuracy']:.4f} [" in md
+    assert "95% Wilson score interval over images" in md
     assert "Reduced attack budget" in md  # the tiny test budget is labelled as such
     assert "## AutoAttack breakdown" in md and "## Sanity checks" in md
     assert "Overall: **PASS**" in md
