@@ -108,6 +108,11 @@ _L2_ONLY = {"pgd-l2", "apgd-l2", "fgm-l2"}
 #: AutoAttack "standard": the components in the order they run.
 AUTOATTACK_COMPONENTS: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
 _PGD_RE = re.compile(r"^pgd(\d+)(-l2)?$")
+#: Sanity-only attacks (not selectable by users): PGD without its random start, for the
+#: unbounded-ε check. At ε = 1 a random start alone is a random image, which a many-class model
+#: misclassifies whether or not its gradients are useful; from the clean input only the
+#: gradient can move the image. Distinct names keep their resume files apart from ``pgd20``'s.
+NO_RANDOM_START: dict[str, str] = {"pgd20-nrs": "pgd20", "pgd-l2-nrs": "pgd-l2"}
 
 
 @dataclass(frozen=True)
@@ -382,6 +387,9 @@ def attack_config(name: str, norm: str, budget: AttackBudget, n_classes: int) ->
             f"the top logits) but this one has {n_classes}; drop {name!r} from the attack list"
         )
     targets = n_targets(budget, n_classes)
+    if name in NO_RANDOM_START:
+        base = attack_config(NO_RANDOM_START[name], norm, budget, n_classes)
+        return replace(base, name=name, kwargs={**base.kwargs, "random_start": False})
     steps = pgd_steps(name)
     if name == "fgsm":
         return AttackConfig(name, "white-box", "FGSM")

@@ -22,6 +22,8 @@ _DISPLAY = {
     "pgd-l2": "PGD-L2-20",
     "fgm-l2": "FGM-L2",
     "noise": "Noise",
+    "pgd20-nrs": "PGD-20 (no random start)",
+    "pgd-l2-nrs": "PGD-L2-20 (no random start)",
 }
 
 

@@ -45,7 +45,7 @@ from caat_peft.evaluation.registry import (
     resolve_attack_names,
     resolve_budget,
 )
-from caat_peft.evaluation.sanity import run_sanity_checks, sanity_plan
+from caat_peft.evaluation.sanity import RANDOMNESS_PASSES, run_sanity_checks, sanity_plan
 from caat_peft.evaluation.store import PairState, ResultStore
 from caat_peft.stats import CONFIDENCE, WILSON, wilson_interval
 
@@ -354,17 +354,24 @@ def _attack_subset(
 def _probe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     """Model properties from the first batch: classes, determinism, logits, input gradients."""
     with torch.no_grad():
-        out1, out2 = model(x), model(x)
-    if not isinstance(out1, torch.Tensor) or out1.dim() != 2 or out1.shape[0] != x.shape[0]:
-        shape = tuple(out1.shape) if isinstance(out1, torch.Tensor) else type(out1).__name__
-        raise UserError(
-            f"the model must return logits of shape (N, classes); got {shape} — unwrap the "
-            "model output (e.g. `.logits`) before evaluating"
-        )
+        out1 = model(x)
+        if not isinstance(out1, torch.Tensor) or out1.dim() != 2 or out1.shape[0] != x.shape[0]:
+            shape = tuple(out1.shape) if isinstance(out1, torch.Tensor) else type(out1).__name__
+            raise UserError(
+                f"the model must return logits of shape (N, classes); got {shape} — unwrap the "
+                "model output (e.g. `.logits`) before evaluating"
+            )
+        outs = [out1] + [model(x) for _ in range(RANDOMNESS_PASSES - 1)]
     n_classes = int(out1.shape[1])
-    scale = float(out1.abs().max()) + 1e-12
-    rel = float((out1 - out2).abs().max()) / scale
-    flips = int((out1.argmax(1) != out2.argmax(1)).sum())
+    # fra31's randomness test: every pair of passes, per-sample outputs scaled to unit L2 norm
+    # (so the threshold does not depend on the logits' scale), largest L2 distance.
+    unit = [o.float() / (o.float().norm(dim=1, keepdim=True) + 1e-10) for o in outs]
+    diff = max(
+        (float((unit[i] - unit[j]).norm(dim=1).max()) for i in range(len(unit)) for j in range(i)),
+        default=0.0,
+    )
+    preds = torch.stack([o.argmax(1) for o in outs])
+    flips = int((preds != preds[0]).any(dim=0).sum())
     probabilities = bool(
         (out1 >= 0).all() and (out1 <= 1).all() and (out1.sum(1) - 1).abs().max() < 1e-3
     )
@@ -384,8 +391,9 @@ def _probe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     return {
         "n_classes": n_classes,
         "sample_shape": list(x.shape[1:]),
+        "passes": RANDOMNESS_PASSES,
         "pred_flips": flips,
-        "max_rel_diff": rel,
+        "max_output_diff": diff,
         "probabilities": probabilities,
         "zero_grad": int(zero.sum()),
         "grad_checked": int(ok.sum()),

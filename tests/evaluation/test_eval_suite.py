@@ -278,10 +278,11 @@ def test_resume_skips_finished_pairs_and_recovers_from_a_kill(trained_model, eva
     assert resumed["per_sample"] == reference["per_sample"]
     assert resumed["accuracy"] == reference["accuracy"]
 
-    # a finished evaluation recomputes nothing: only the 3 forwards of the model probe
+    # a finished evaluation recomputes nothing: only the 6 forwards of the model probe (5 for
+    # the randomness test, 1 for the input gradients)
     model.calls = 0
     again = evaluate(model, eval_data, resume_dir=state, **kwargs)
-    assert model.calls == 3
+    assert model.calls == 6
     assert again["per_sample"] == reference["per_sample"]
 
     # adding an attack computes only that attack; finished files are not rewritten
@@ -293,8 +294,8 @@ def test_resume_skips_finished_pairs_and_recovers_from_a_kill(trained_model, eva
     after = {p.name: p.stat().st_mtime_ns for p in (state / "pairs").iterdir()}
     assert all(after[k] == v for k, v in before.items())
     assert len(after) == len(before) + 2
-    # 3 batches × (1 clean + 2 ε × (10 MIFGSM steps + 1 scoring)) + 3 probe forwards
-    assert model.calls == 3 + 3 * (1 + 2 * 11)
+    # 3 batches × (1 clean + 2 ε × (10 MIFGSM steps + 1 scoring)) + 6 probe forwards
+    assert model.calls == 6 + 3 * (1 + 2 * 11)
 
 
 def test_resume_refuses_another_model(trained_model, eval_data, tmp_path):
