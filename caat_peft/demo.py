@@ -226,11 +226,13 @@ def format_table(summary: dict[str, Any]) -> str:
         robust = format_ci(r["robust_acc"], r.get("robust_acc_ci"))
         rows.append(f"| {label} | {clean} | {robust} | {r['seconds']:.1f} |")
     paired = summary.get("paired") or {}
+    if paired:
+        rows.append("")
     for key, name in (("clean", "clean"), ("robust", "PGD-20")):
         if key in paired:
             d = paired[key]
             rows.append(
-                f"\nCA-AT − vanilla, {name}: {format_ci(d['difference'], d['ci'])} "
+                f"CA-AT − vanilla, {name}: {format_ci(d['difference'], d['ci'])} "
                 f"(paired, exact McNemar p = {d['p_value']:.2g}): {d['verdict']}"
             )
     rows.append(f"\nwhole demo: {summary['seconds']:.1f} s ({summary['eval']})")
