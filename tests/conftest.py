@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,16 @@ def record_outcome(test: str, **figures: Any) -> None:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's cache (the demo keeps its stage-1 checkpoint there)."""
     monkeypatch.setenv("CAAT_PEFT_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threading only adds overhead (and stalls badly on a busy CPU).
+    Module scope: set before a module's own fixtures are built, restored before the next."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

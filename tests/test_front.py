@@ -7,12 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,15 +42,6 @@ TINY = [
 ]
 POINT_KEYS = {"method", "clean_acc", "robust_acc", "run_dir", "seeds"}
 POINT_KEYS |= {"clean_acc_ci", "robust_acc_ci", "interval_method"}
-
-
-@pytest.fixture(scope="module")
-def _one_thread() -> Iterator[None]:
-    """Two threads on two busy shared cores run ~10x slower than one (oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +360,7 @@ def test_cli_function(tmp_path, monkeypatch, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_front(tmp_path_factory, _one_thread) -> tuple[Path, dict]:
+def tiny_front(tmp_path_factory, one_thread) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("front") / "sweep"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CAAT_PEFT_CACHE", str(tmp_path_factory.mktemp("cache")))
@@ -405,7 +394,7 @@ def test_tiny_front_end_to_end(tiny_front):
     assert (out / "front.md").read_text().startswith("# SA–AA front")
 
 
-def test_tiny_front_autoattack_reuses_the_runs(tiny_front, tmp_path, monkeypatch, _one_thread):
+def test_tiny_front_autoattack_reuses_the_runs(tiny_front, tmp_path, monkeypatch, one_thread):
     out = tmp_path / "sweep"
     shutil.copytree(tiny_front[0], out)
     fake = FakeTrain()

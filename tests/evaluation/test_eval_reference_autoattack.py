@@ -15,7 +15,6 @@ attacks; its TensorFlow helpers (utils_tf*.py) are separate modules that nothing
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 import pytest
 import test_eval_suite
@@ -54,15 +53,6 @@ BUDGET = AttackBudget(
 #: none. The check catches a broken port or assembly, not a small shortfall in steps; that the
 #: numbers are the same on both sides is asserted directly (_same_settings).
 TOLERANCE = 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threading only adds overhead (and stalls badly on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _reference(

@@ -22,7 +22,6 @@ tolerance (2 of 200 samples).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -35,15 +34,6 @@ N_CLASSES, N, SHAPE = 100, 200, (3, 8, 8)
 D = math.prod(SHAPE)
 HIDDEN = 128
 TOL = 2  # max(1, ceil(0.01 · 200))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add overhead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _data() -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -39,19 +38,6 @@ TINY_BUDGET = AttackBudget(
 
 def make_mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 96), nn.ReLU(), nn.Linear(96, 10))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threading only adds overhead (and stalls badly on a busy CPU).
-
-    Autouse at module scope, so it is set before the module fixtures below are built and
-    restored before other test modules run.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

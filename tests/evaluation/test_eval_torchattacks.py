@@ -5,23 +5,12 @@ If a torchattacks upgrade changes any of this, these tests say where before the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn as nn
 import torchattacks
 
 from caat_peft.evaluation import AttackBudget, attack_config, make_attack
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threading only adds overhead (and stalls badly on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Counting(nn.Module):
