@@ -26,6 +26,9 @@ from caat_peft.evaluation import AttackBudget, eps_label, evaluate
 
 from conftest import OUTCOME_SEED, record_outcome
 
+# One torch thread for the module (tests/conftest.py), before its fixtures train models.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # The trained model and the data come from the evaluation-suite tests (assigned, not imported by
 # name, so that a fixture argument does not read as shadowing an unused import).
 digits = test_eval_suite.digits

@@ -30,6 +30,9 @@ import torch.nn.functional as F
 
 from caat_peft.evaluation import evaluate
 
+# One torch thread for the module (tests/conftest.py), before its fixtures train models.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N_CLASSES, N, SHAPE = 100, 200, (3, 8, 8)
 D = math.prod(SHAPE)
 HIDDEN = 128

@@ -30,6 +30,9 @@ from caat_peft.evaluation import (
 
 from conftest import OUTCOME_SEED, record_outcome
 
+# One torch thread for the module (tests/conftest.py), before its fixtures train models.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 #: Small enough for seconds on 2 CPU cores; every attack still runs its real code path.
 TINY_BUDGET = AttackBudget(
     apgd_steps=10, fab_steps=10, square_queries=100, n_targets=3, mifgsm_steps=5

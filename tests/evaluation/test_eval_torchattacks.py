@@ -12,6 +12,9 @@ import torchattacks
 
 from caat_peft.evaluation import AttackBudget, attack_config, make_attack
 
+# One torch thread for the module (tests/conftest.py), before its fixtures train models.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class Counting(nn.Module):
     """A small random linear classifier that counts its forward calls."""
