@@ -54,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = "lora"  # lora | ia3 | loha | lokr | vera | adapter | head | full
+    method: str = "lora"  # lora | ia3 | loha | lokr | vera | adapter | vpt | bitfit | head | full
     # which layers: a preset (auto, qkv, attn, mlp, mlp_out, qkv_mlp, attn_mlp) or parts joined
     # with '+' (qkv+fc2); auto = mlp_out for the adapter, qkv_mlp otherwise
     targets: str = "auto"
@@ -67,6 +67,10 @@ class PeftConfig:
     activation: str = "gelu"  # adapter: gelu | relu | silu | tanh
     scaling: float = 1.0  # adapter: s in h + s·up(act(down(h)))
     learnable_scaling: bool = False  # adapter: train s
+    prompt_length: int = 10  # vpt: prompt tokens per prompted block
+    # vpt: shallow = prompts inserted before the first block only; deep = a fresh set replaces
+    # the previous block's prompt tokens at every block (Swin: deep only)
+    prompt_depth: str = "deep"
     options: dict[str, Any] = field(default_factory=dict)  # extra peft config arguments
     train_head: bool = True  # a new classification head is always trainable by default
 
@@ -101,9 +105,10 @@ class AttackConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = "pgd-ce"  # pgd-ce | trades | mart | clp
-    beta: float | None = None  # mart: weight of its KL term; None: 6.0 (Wang et al., 2020)
-    pairing_weight: float | None = None  # clp: weight of the logit-pairing term; None: 0.5
+    kind: str = "pgd-ce"  # pgd-ce | trades | mart | clp | alp (docs/method.md, "Objectives")
+    # mart: weight of its KL term; None: 1.0, the CA-AT authors' (Wang et al. use 6.0)
+    beta: float | None = None
+    pairing_weight: float | None = None  # alp: weight of the logit-pairing term; None: 0.5
 
 
 @dataclass
@@ -112,7 +117,7 @@ class CombinerConfig:
     lam: float = 0.5  # vanilla: weight of the adversarial gradient, in [0, 1]
     gamma: float = 0.8  # caat: cosine threshold, in (-1, 1]
     granularity: str = "global"  # global | tensor
-    normalize: bool = False
+    normalize: bool = False  # scale both whole gradients to unit norm first (the authors')
 
 
 @dataclass
@@ -123,6 +128,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only: Nesterov momentum (the CA-AT authors' optimiser)
     grad_clip: float | None = None  # max global norm of the combined update
     schedule: str = "constant"  # constant | cosine (after the linear warm-up) | onecycle
     warmup_epochs: float = 0.0
@@ -139,6 +145,11 @@ class TrainConfig:
     log_with: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
     layer_conflict_every: int = 0  # steps between per-tensor cos(g_a, g_c) rows; 0: never
     plots: bool = True  # conflict.png (φ, μ, λ* over training) at the end
+    # robust linear initialisation: first train the head alone adversarially (same attack,
+    # objective and combiner) in RUN/head_init/, then start peft.method from that head
+    init_head: str = "none"  # none | robust-linear-probe
+    init_head_epochs: int = 5  # epochs of that first stage
+    init_head_lr: float | None = None  # its learning rate; None: train.lr
 
 
 @dataclass
@@ -299,8 +310,13 @@ def validate(cfg: Config) -> Config:
     _one_of(
         "peft.method",
         cfg.peft.method,
-        ("lora", "ia3", "loha", "lokr", "vera", "adapter", "head", "full"),
+        ("lora", "ia3", "loha", "lokr", "vera", "adapter", "vpt", "bitfit", "head", "full"),
     )
+    _check(
+        cfg.peft.prompt_length >= 1,
+        f"peft.prompt_length = {cfg.peft.prompt_length} must be a positive integer",
+    )
+    _one_of("peft.prompt_depth", cfg.peft.prompt_depth, ("shallow", "deep"))
     _check(cfg.peft.r >= 1, f"peft.r = {cfg.peft.r} must be a positive integer")
     _check(cfg.peft.alpha > 0, f"peft.alpha = {cfg.peft.alpha} must be > 0")
     _check(0 <= cfg.peft.dropout < 1, f"peft.dropout = {cfg.peft.dropout} must be in [0, 1)")
@@ -367,7 +383,7 @@ def validate(cfg: Config) -> Config:
     )
 
     obj = cfg.objective
-    _one_of("objective.kind", obj.kind, ("pgd-ce", "trades", "mart", "clp"))
+    _one_of("objective.kind", obj.kind, ("pgd-ce", "trades", "mart", "clp", "alp"))
     _check(
         not (obj.kind == "trades" and cfg.attack.kind == "fgsm"),
         "attack.kind = fgsm does not apply to objective.kind = trades, which runs its own KL "
@@ -380,8 +396,9 @@ def validate(cfg: Config) -> Config:
     )
     _check(obj.beta is None or obj.beta >= 0, f"objective.beta = {obj.beta} must be >= 0")
     _check(
-        obj.pairing_weight is None or obj.kind == "clp",
-        f"objective.pairing_weight is used by objective.kind = clp only (remove it for {obj.kind})",
+        obj.pairing_weight is None or obj.kind == "alp",
+        f"objective.pairing_weight is used by objective.kind = alp only (remove it for "
+        f"{obj.kind}; the authors' clp has no weight of its own)",
     )
     _check(
         obj.pairing_weight is None or obj.pairing_weight >= 0,
@@ -401,6 +418,10 @@ def validate(cfg: Config) -> Config:
     _check(cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0")
     _one_of("train.optimizer", cfg.train.optimizer, ("adamw", "sgd"))
     _check(0 <= cfg.train.momentum < 1, "train.momentum must be in [0, 1)")
+    _check(
+        not cfg.train.nesterov or (cfg.train.optimizer == "sgd" and cfg.train.momentum > 0),
+        "train.nesterov = true needs train.optimizer = sgd and train.momentum > 0",
+    )
     _check(
         cfg.train.grad_clip is None or cfg.train.grad_clip > 0,
         "train.grad_clip must be > 0 (or null for no clipping)",
@@ -430,6 +451,20 @@ def validate(cfg: Config) -> Config:
     _check(cfg.train.save_every >= 0, "train.save_every must be >= 0 (0: no checkpoints)")
     _check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
     _check(cfg.train.layer_conflict_every >= 0, "train.layer_conflict_every must be >= 0")
+    _one_of("train.init_head", cfg.train.init_head, ("none", "robust-linear-probe"))
+    _check(
+        cfg.train.init_head_epochs >= 1,
+        f"train.init_head_epochs = {cfg.train.init_head_epochs} must be >= 1",
+    )
+    _check(
+        cfg.train.init_head_lr is None or cfg.train.init_head_lr > 0,
+        f"train.init_head_lr = {cfg.train.init_head_lr} must be > 0 (or null for train.lr)",
+    )
+    _check(
+        cfg.train.init_head == "none" or cfg.peft.train_head,
+        "train.init_head = robust-linear-probe needs peft.train_head = true (a frozen head "
+        "would not be saved with the run; set peft.train_head=true or train.init_head=none)",
+    )
     for tracker in cfg.train.log_with:
         _one_of("train.log_with", tracker, ("tensorboard", "wandb", "mlflow", "comet_ml", "aim"))
 
@@ -483,41 +518,72 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML recipe as nested dicts, with its ``base:`` (a recipe it extends, its path relative
+    to this file) merged underneath: a variant states only what it changes."""
+    if not path.is_file():
+        where = f" (the base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{where} (pass the path of a YAML recipe)")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where} (fix the syntax)") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    data = dict(loaded or {})
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base = {base!r} must be the path of a recipe (a string)")
+    base_path = (path.parent / base).resolve()
+    if base_path in chain or base_path == path.resolve():
+        raise ConfigError(f"{path}: base = {base!r} extends itself in a cycle (remove one base)")
+    return _merge(_read_recipe(base_path, (*chain, path.resolve())), data)
+
+
+def _merge(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``under``: sections merge key by key, any other value is replaced."""
+    out = dict(under)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path} (pass the path of a YAML recipe)")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}: not valid YAML{where} (fix the syntax)") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        data = loaded or {}
+    data = _read_recipe(Path(path)) if path is not None else {}
     return from_dict(apply_overrides(data, list(overrides)))
 
 
 def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A run directory's saved ``config.yaml``, read as the run was made.
 
-    Runs saved before ``model.init`` existed built their random weights with timm's default
-    init; their config says so here, so that evaluation rebuilds the same weights and a resume
-    or a front names the difference instead of silently mixing two initialisations.
+    Defaults that changed are pinned to what an older run used, so that evaluation rebuilds the
+    same model and a resume or a front names the difference instead of silently mixing two
+    settings: runs saved before ``model.init`` existed built their random weights with timm's
+    init; runs saved before ``train.nesterov`` existed trained ``mart`` with β = 6 and called
+    Kannan et al.'s logit pairing ``clp`` (now ``alp``).
     """
     cfg = load_config(path, overrides)
     saved = yaml.safe_load(Path(path).read_text()) or {}
-    model = saved.get("model") if isinstance(saved, dict) else None
-    if (
-        isinstance(model, dict)
-        and "init" not in model
-        and not any(o.strip().startswith("model.init=") for o in overrides)
-    ):
+    if not isinstance(saved, dict):
+        return cfg
+    overridden = lambda key: any(o.strip().startswith(f"{key}=") for o in overrides)  # noqa: E731
+    model, train, objective = (saved.get(k) or {} for k in ("model", "train", "objective"))
+    if isinstance(model, dict) and model and "init" not in model and not overridden("model.init"):
         cfg.model.init = "timm"
+    if isinstance(train, dict) and train and "nesterov" not in train:
+        kind = objective.get("kind") if isinstance(objective, dict) else None
+        if kind == "mart" and objective.get("beta") is None and not overridden("objective.beta"):
+            cfg.objective.beta = 6.0
+        if kind == "clp" and not overridden("objective.kind"):
+            cfg.objective.kind = "alp"
     return cfg
 
 

@@ -25,7 +25,8 @@ def build_model(
 
     ``name`` is a registry entry (``ares_swin_base``…), a timm model or ``hf:<repo>``;
     ``peft`` a method name (``adapter``, ``lora``, ``ia3``, ``loha``, ``lokr``, ``vera``,
-    ``head``, ``full``), a :class:`~caat_peft.config.PeftConfig` or a dict of its fields.
+    ``vpt``, ``bitfit``, ``head``, ``full``), a :class:`~caat_peft.config.PeftConfig` or a dict
+    of its fields.
     ``options`` are split by name: ``PeftConfig`` fields (``r``, ``reduction``, ``targets``…),
     ``ModelConfig`` fields (``pretrained``, ``mean``, ``std``…), and the rest goes to the
     architecture (``img_size``, ``embed_dim``… for timm; config fields for ``hf:vit``).

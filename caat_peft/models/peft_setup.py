@@ -3,8 +3,10 @@
 One generic path covers every peft method that adapts Linear layers (LoRA, IA³, LoHa, LoKr,
 VeRA) and the bottleneck adapter: the method's peft config is built from ``PeftConfig``, the
 targets come from an anchored-regex preset of the model family (or ``peft.target_modules``), and
-the new head is a ``modules_to_save`` module, trainable in every method. ``head`` (linear probe)
-and ``full`` (full fine-tuning) are the baselines. Everything not selected is frozen, so
+the new head is a ``modules_to_save`` module, trainable in every method. ``vpt`` (visual prompt
+tuning, :mod:`caat_peft.models.prompts`) and ``bitfit`` (every bias) change no layer and need no
+peft wrapper: they unfreeze their own tensors and the head in place. ``head`` (linear probe) and
+``full`` (full fine-tuning) are the baselines. Everything not selected is frozen, so
 :func:`trainable_parameters` is exactly θ of the method.
 """
 
@@ -115,6 +117,8 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, head_name: str | None = None) 
         for name in heads:
             model.get_submodule(name).requires_grad_(True)
         return model
+    if cfg.method in ("vpt", "bitfit"):
+        return _unfreeze_in_place(model, cfg, heads)
     from peft import get_peft_model
 
     import caat_peft.models.adapter  # noqa: F401  (registers the bottleneck adapter)
@@ -124,6 +128,59 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, head_name: str | None = None) 
         return get_peft_model(model, config)
     except ValueError as exc:  # peft's own checks of the config against the model
         raise UserError(f"peft.method = {cfg.method}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def bias_names(model: nn.Module) -> list[str]:
+    """Every bias of ``model`` (BitFit's θ): parameters named ``bias`` or ``*_bias`` (BEiT-style
+    ``q_bias``), not tables such as Swin's ``relative_position_bias_table``."""
+    names = []
+    for name, _ in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "bias" or leaf.endswith("_bias"):
+            names.append(name)
+    return names
+
+
+def _unfreeze_in_place(model: nn.Module, cfg: PeftConfig, heads: list[str]) -> nn.Module:
+    """VPT (prompts attached, then trainable) or BitFit (every bias), plus the head when
+    ``peft.train_head``; everything else frozen. The head's own bias follows ``train_head``."""
+    from caat_peft.models.prompts import attach_prompts
+
+    if cfg.method == "vpt":
+        chosen = attach_prompts(model, cfg.prompt_length, cfg.prompt_depth, cfg.dropout)
+    else:
+        chosen = bias_names(model)
+    head_params = {f"{h}.{n}" for h in heads for n, _ in model.get_submodule(h).named_parameters()}
+    chosen = [n for n in chosen if n not in head_params]
+    if not chosen:
+        raise UserError(
+            "peft.method = bitfit: the model has no bias parameters (choose another peft.method)"
+        )
+    model.requires_grad_(False)
+    named = dict(model.named_parameters())
+    for name in chosen + (sorted(head_params) if cfg.train_head else []):
+        named[name].requires_grad_(True)
+    return model
+
+
+@torch.no_grad()
+def set_head(backbone: nn.Module, head_state: dict[str, torch.Tensor]) -> None:
+    """Copy ``head_state`` (a head-only run's ``trainable.safetensors``) into the head(s) of a
+    plain backbone, before a PEFT method wraps it: every head tensor, nothing else."""
+    own = dict(backbone.named_parameters())
+    expected = {
+        f"{h}.{n}"
+        for h in head_names(backbone)
+        for n, _ in backbone.get_submodule(h).named_parameters()
+    }
+    if set(head_state) != expected or any(own[k].shape != v.shape for k, v in head_state.items()):
+        shapes = {k: tuple(v.shape) for k, v in head_state.items()}
+        raise UserError(
+            f"the initial head {shapes} does not fit this model's head {sorted(expected)}; "
+            "was train.init_head's first stage run with another model or data?"
+        )
+    for name, value in head_state.items():
+        own[name].copy_(value)
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -182,8 +239,12 @@ def save_trainable(net: nn.Module, directory: str | Path) -> None:
         return
     from safetensors.torch import save_file
 
+    from caat_peft.models.prompts import has_prompts, write_prompt_config
+
     tensors = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(net)}
     save_file(tensors, str(directory / "trainable.safetensors"))
+    if has_prompts(net):  # the prompts are no layer of the backbone: say how to attach them
+        write_prompt_config(net, directory)
 
 
 save_adapter = save_trainable
@@ -193,7 +254,8 @@ def load_adapter(base: nn.Module, directory: str | Path, *, trainable: bool = Fa
     """``base`` with the trained modules of ``directory`` (a run's ``adapter/``) attached.
 
     A peft folder goes through ``PeftModel.from_pretrained`` (any registered method, the
-    bottleneck adapter included); ``trainable.safetensors`` (head / full runs) is loaded in place.
+    bottleneck adapter included); ``trainable.safetensors`` (head / full / bitfit / vpt runs) is
+    loaded in place, after the prompts of ``vpt_config.json`` (a VPT run) are attached.
     """
     directory = Path(directory)
     base = _net(base)
@@ -225,8 +287,10 @@ def load_adapter(base: nn.Module, directory: str | Path, *, trainable: bool = Fa
         from safetensors.torch import load_file
 
         tensors = load_file(str(directory / "trainable.safetensors"))
+        prompts = _attach_saved_prompts(base, directory)
         own = base.state_dict()
         wrong = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
+        wrong += [k for k in prompts if k not in tensors]  # prompts left at their random init
         if wrong:
             raise UserError(
                 f"{directory}: tensors do not fit the model ({wrong[:5]}); "
@@ -238,6 +302,16 @@ def load_adapter(base: nn.Module, directory: str | Path, *, trainable: bool = Fa
         f"{directory}: no adapter_config.json or trainable.safetensors "
         "(point --adapter at a run's adapter/ folder)"
     )
+
+
+def _attach_saved_prompts(base: nn.Module, directory: Path) -> list[str]:
+    """Attach the prompts a VPT folder describes (none for other folders); their names."""
+    from caat_peft.models.prompts import CONFIG_FILE, attach_prompts, read_prompt_config
+
+    if not (directory / CONFIG_FILE).is_file():
+        return []
+    spec = read_prompt_config(directory)
+    return attach_prompts(base, spec["prompt_length"], spec["prompt_depth"], spec["dropout"])
 
 
 def _check_adapter_config_fields(path: Path) -> None:
@@ -307,8 +381,14 @@ def merged_net(net: nn.Module) -> nn.Module:
     """A copy of ``net`` with LoRA-like modules merged into the base weights and the head
     unwrapped: the plain backbone architecture. The bottleneck adapter cannot be merged."""
     from caat_peft.models.adapter import PEFT_TYPE_NAME
+    from caat_peft.models.prompts import has_prompts
 
     net = _net(net)
+    if has_prompts(net):
+        raise UserError(
+            "visual prompts are extra tokens, not weights: a vpt model cannot be merged into the "
+            "backbone; keep its adapter folder (load_adapter attaches the prompts again)"
+        )
     if not hasattr(net, "merge_and_unload"):
         return copy.deepcopy(net)
     if PEFT_TYPE_NAME in _peft_types(net):

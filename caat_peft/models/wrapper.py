@@ -56,16 +56,25 @@ def seeded_init(seed: int) -> Iterator[None]:
 
 
 def build_classifier(
-    model_cfg: ModelConfig, peft_cfg: PeftConfig, num_classes: int
+    model_cfg: ModelConfig,
+    peft_cfg: PeftConfig,
+    num_classes: int,
+    head_state: dict[str, Tensor] | None = None,
 ) -> PixelClassifier:
-    """Backbone + checkpoint + PEFT modules, wrapped to take pixels in [0, 1]."""
+    """Backbone + checkpoint + PEFT modules, wrapped to take pixels in [0, 1].
+
+    ``head_state`` (a head-only run's tensors: robust linear initialisation) replaces the fresh
+    head before the PEFT method wraps the backbone, so every method starts from that head.
+    """
     from caat_peft.models.backbone import build_backbone, preprocessing_of
-    from caat_peft.models.peft_setup import apply_peft
+    from caat_peft.models.peft_setup import apply_peft, set_head
     from caat_peft.models.targets import head_names
 
     backbone = build_backbone(model_cfg, num_classes)
     pre = preprocessing_of(backbone, model_cfg)
     heads = head_names(backbone)
+    if head_state is not None:
+        set_head(backbone, head_state)
     net = apply_peft(backbone, peft_cfg)
     return PixelClassifier(
         net,

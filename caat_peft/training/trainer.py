@@ -89,13 +89,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory; called before any work starts."""
+def check_output_dir(output_dir: Path, overwrite: bool, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse to mix two runs in one directory; called before any work starts. Entries named
+    in ``ignore`` do not count (a robust-linear-probe run's own ``head_init/`` stage)."""
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
         raise UserError(f"output directory {output_dir} is a file (choose another --output-dir)")
-    if any(p.name != PROBE_NAME for p in output_dir.iterdir()):  # a killed probe is no run
+    skip = (PROBE_NAME, *ignore)  # a killed probe is no run
+    if any(p.name not in skip for p in output_dir.iterdir()):
         if not (output_dir / "config.yaml").exists():
             raise UserError(
                 f"output directory {output_dir} is not empty and holds no caat-peft run "
@@ -108,6 +110,7 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
             )
 
 
+HEAD_INIT_DIR = "head_init"  # train.init_head's first stage, a run directory of its own
 PROBE_BYTES = 1 << 20  # written, fsynced and removed once: a full disk shows before training
 PROBE_NAME = ".caat-peft-write-probe"
 MIN_FREE_BYTES = 64 << 20  # logs, plots and reports beside the tensors
@@ -393,7 +396,31 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Run adversarial PEFT as configured and write the run directory; see the module doc."""
+    """Run adversarial PEFT as configured and write the run directory; see the module doc.
+
+    With ``train.init_head`` set, the head is first trained alone in ``RUN/head_init/``
+    (:mod:`caat_peft.training.head_init`), then the configured method starts from it.
+    """
+    if cfg.train.init_head != "none":
+        from caat_peft.training.head_init import train_with_head_init
+
+        return train_with_head_init(
+            cfg, Path(output_dir), overwrite=overwrite, resume=resume, progress=progress
+        )
+    return train_stage(cfg, output_dir, overwrite=overwrite, resume=resume, progress=progress)
+
+
+def train_stage(
+    cfg: Config,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    head_state: dict[str, torch.Tensor] | None = None,
+) -> TrainResult:
+    """One training run into ``output_dir``; ``head_state`` (the first stage's head under
+    ``train.init_head``) replaces the new head before the PEFT method is attached."""
     output_dir = Path(output_dir)
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other (pick one)")
@@ -405,7 +432,8 @@ def train(
     )
     checkpoint = _resume_point(cfg, output_dir) if resume else None
     if is_main and not resume:
-        check_output_dir(output_dir, overwrite)
+        ignore = (HEAD_INIT_DIR,) if cfg.train.init_head != "none" else ()
+        check_output_dir(output_dir, overwrite, ignore)
     tc = cfg.train
     micro_global = tc.batch_size // tc.grad_accum_steps
     if micro_global % world:
@@ -427,7 +455,7 @@ def train(
     if tc.compile:
         check_can_compile(accelerator.device)
     with seeded_init(tc.seed):  # so that `caat-peft eval` rebuilds the same untrained weights
-        model = build_classifier(cfg.model, cfg.peft, num_classes)
+        model = build_classifier(cfg.model, cfg.peft, num_classes, head_state=head_state)
     model = model.to(accelerator.device)
     _check_model_fits_data(model, splits.train, accelerator.device)
     broadcast_parameters(model, accelerator)
@@ -659,6 +687,13 @@ def _check_model_fits_data(model: nn.Module, dataset: Dataset, device: torch.dev
 
 def _resume_point(cfg: Config, output_dir: Path) -> Path | None:
     """The newest complete checkpoint of the run in ``output_dir`` (None: start it afresh)."""
+    check_same_config(cfg, output_dir)
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def check_same_config(cfg: Config, output_dir: Path) -> None:
+    """Refuse to continue the run in ``output_dir`` with another config than its own."""
     if not (output_dir / "config.yaml").is_file():
         raise UserError(f"nothing to resume in {output_dir} (no config.yaml); drop --resume")
     saved = load_run_config(output_dir / "config.yaml")
@@ -670,8 +705,6 @@ def _resume_point(cfg: Config, output_dir: Path) -> Path | None:
             f"the config differs from the run being resumed ({difference}); resume with the "
             "same config or start a new run"
         )
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
 
 
 def _next_micro_batches(
@@ -832,5 +865,5 @@ def _scores(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _postfix(stats: dict[str, Any]) -> dict[str, str]:
-    keys = ("loss_clean", "loss_adv", "acc_clean", "acc_adv", "cos", "mu", "lambda_eff")
-    return {k: f"{stats[k]:.3g}" for k in keys if k in stats}
+    keys = ("loss_clean", "loss_adv", "acc_clean", "acc_adv", "cos", "mu", "lambda_star")
+    return {k: f"{stats[k]:.3g}" for k in keys if stats.get(k) is not None}

@@ -114,6 +114,9 @@ OUT_OF_RANGE = {
     "train.save_every": _ints_below(0),
     "train.keep_checkpoints": _ints_below(1),
     "train.layer_conflict_every": _ints_below(0),
+    "train.init_head_epochs": _ints_below(1),
+    "train.init_head_lr": _below(0),
+    "peft.prompt_length": _ints_below(1),
     "combiner.lam": st.one_of(_below(0, strict=True), _above(1, strict=True)),
     "combiner.gamma": st.one_of(_below(-1), _above(1, strict=True)),
     "attack.eps": _below(0, strict=True),
@@ -147,7 +150,20 @@ OUT_OF_RANGE = {
 }
 
 CHOICES = {
-    "peft.method": ("lora", "ia3", "loha", "lokr", "vera", "adapter", "head", "full"),
+    "peft.method": (
+        "lora",
+        "ia3",
+        "loha",
+        "lokr",
+        "vera",
+        "adapter",
+        "vpt",
+        "bitfit",
+        "head",
+        "full",
+    ),
+    "peft.prompt_depth": ("shallow", "deep"),
+    "train.init_head": ("none", "robust-linear-probe"),
     "peft.activation": ("gelu", "relu", "silu", "tanh"),
     "data.name": ("digits", "cub", "dogs", "folder", "hf"),
     "data.bad_files": ("error", "skip"),
