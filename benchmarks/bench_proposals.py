@@ -67,7 +67,8 @@ def combine_caat_host(
         "finite": finite,
         "projected": False,
         "projected_fraction": 0.0,
-        "lambda_eff": 0.0,
+        "adv_share": 0.0,
+        "lambda_star": None,
     }
     if not finite:
         return [torch.zeros_like(g) for g in g_clean], stats
@@ -75,10 +76,12 @@ def combine_caat_host(
         sin_gamma = math.sqrt(1.0 - gamma * gamma)
         sin_phi = math.sqrt(max(0.0, 1.0 - cos * cos))
         k = na * (gamma * sin_phi - cos * sin_gamma) / (nc * sin_gamma)
-        stats.update(projected=True, projected_fraction=1.0, lambda_eff=1.0 / (1.0 + k))
+        stats.update(
+            projected=True, projected_fraction=1.0, adv_share=1.0 / (1.0 + k), lambda_star=k
+        )
         return _linear_combination(g_adv, g_clean, 1.0, k), stats
     if nc == 0 and na > 0:  # no clean direction: follow g_a
-        stats["lambda_eff"] = 1.0
+        stats.update(adv_share=1.0, lambda_star=0.0)
         return [g.clone() for g in g_adv], stats
     return [g.clone() for g in g_clean], stats
 

@@ -8,12 +8,25 @@ gradient, ``g_a = ∇θ L_adv`` the adversarial gradient, ``φ = cos(g_a, g_c)``
   ``g = g_c`` if ``φ ≥ γ``, else ``g = g_a + k·g_c`` with
   ``k = ‖g_a‖ (γ·√(1−φ²) − φ·√(1−γ²)) / (‖g_c‖ · √(1−γ²))``,
   which puts ``g`` on the cone of half-angle arccos γ around ``g_c``: ``cos(g, g_c) = γ`` and
-  ``‖g‖ = ‖g_a‖·√(1−φ²)/√(1−γ²)``. Its effective adversarial weight is ``λ* = 1/(1+k)``.
+  ``‖g‖ = ‖g_a‖·√(1−φ²)/√(1−γ²)``.
+* Two weights are logged, named for what they are. ``lambda_star`` is the paper's λ* (Sec. 4):
+  the update ``g_a + k·g_c`` read as the gradient of ``λ*·L_c + L_a``, so ``λ* = k``, the weight
+  on the *clean* loss (it grows as φ falls); vanilla's ``(1−λ)·g_c + λ·g_a`` gives
+  ``λ* = (1−λ)/λ``. It is undefined (``None``) where the update is g_c alone. ``adv_share`` is
+  the adversarial gradient's share ``1/(1+k)`` (vanilla: λ), comparable to vanilla's λ.
 * Conflict metric ``μ = ‖g_c‖·‖g_a‖·(1 − cos(g_c, g_a))``.
 
-Gradients are lists of tensors, one per trainable parameter. Reductions run per tensor (no
-flattened copy of the whole gradient); all scalar decisions are made on one small float64 vector
-that is read back to the host once per call, so the statistics come back as Python numbers.
+Gradients are lists of tensors, one per trainable parameter. Dots and norms are accumulated in
+float64, tensor by tensor (no flattened copy of the whole gradient): near φ = ±1 the factor
+√(1−φ²) turns the last bit of a float32 cosine into a visible error in the update (a one-element
+tensor gave φ = −0.99999994 instead of −1). All scalar decisions are made on one small float64
+vector that is read back to the host once per call, so the statistics come back as Python
+numbers.
+
+``normalize=True`` is the authors' order: both *whole* gradients are scaled to unit norm first,
+then the rule runs (on the whole gradient, or per tensor with ``granularity="tensor"``); the same
+normalisation applies to vanilla's average. Vanilla's average is linear, so it is the same per
+tensor as on the whole gradient: ``granularity`` does not change it.
 
 Degenerate inputs (defined here, tested in ``tests/test_gradients.py``):
 
@@ -30,7 +43,7 @@ Degenerate inputs (defined here, tested in ``tests/test_gradients.py``):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -50,24 +63,64 @@ def _check_pair(g_a: GradList, g_c: GradList) -> None:
             raise ValueError(f"gradient {i}: shapes differ, {tuple(a.shape)} vs {tuple(c.shape)}")
 
 
-def _per_tensor_dots_and_norms(g_a: GradList, g_c: GradList) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-tensor ⟨g_a, g_c⟩, ‖g_a‖, ‖g_c‖ as float64 vectors (one entry per tensor)."""
-    dots = torch.stack([torch.dot(a.reshape(-1), c.reshape(-1)) for a, c in zip(g_a, g_c)])
-    norm_a = torch.stack(torch._foreach_norm(list(g_a)))
-    norm_c = torch.stack(torch._foreach_norm(list(g_c)))
-    return dots.double(), norm_a.double(), norm_c.double()
+# Longest slice of one tensor cast to float64 at a time: bounds the extra memory of a full
+# fine-tuning gradient to 2 × 8 MiB whatever its largest tensor.
+_CHUNK = 1 << 20
 
 
-def _global(dots: Tensor, norm_a: Tensor, norm_c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Reduce per-tensor dots and norms to the whole-gradient dot and norms (0-dim tensors)."""
-    return dots.sum(), norm_a.square().sum().sqrt(), norm_c.square().sum().sqrt()
+class _Products(NamedTuple):
+    """⟨g_a, g_c⟩, ‖g_a‖², ‖g_c‖² in float64: one entry per tensor, or 0-dim for the whole
+    gradient (:meth:`total`)."""
+
+    dot: Tensor
+    sq_a: Tensor
+    sq_c: Tensor
+    scalar: Tensor  # True where the entry is of one-element tensors: φ is then the sign of the dot
+
+    def total(self) -> _Products:
+        whole_scalar = self.scalar.all() & (self.scalar.numel() == 1)
+        return _Products(self.dot.sum(), self.sq_a.sum(), self.sq_c.sum(), whole_scalar)
+
+    @property
+    def norm_a(self) -> Tensor:
+        return self.sq_a.sqrt()
+
+    @property
+    def norm_c(self) -> Tensor:
+        return self.sq_c.sqrt()
+
+    def cos(self) -> Tensor:
+        """cos(g_a, g_c), 0 when either vector is zero, clamped to [−1, 1]. The denominator is
+        √(‖g_a‖²·‖g_c‖²), not ‖g_a‖·‖g_c‖: for exactly parallel inputs (one-element tensors,
+        power-of-two multiples) √(x²) is exact in IEEE arithmetic, so φ comes out as ±1."""
+        both = (self.sq_a > 0) & (self.sq_c > 0)
+        denom = torch.where(both, (self.sq_a * self.sq_c).sqrt(), torch.ones_like(self.sq_a))
+        cos = torch.where(both, self.dot / denom, torch.zeros_like(self.dot)).clamp(-1.0, 1.0)
+        # Two non-zero numbers are parallel: exactly ±1 also for float64 inputs, whose products
+        # round (a float32 product is exact in float64).
+        return torch.where(self.scalar & both, torch.sign(self.dot), cos)
 
 
-def _cosine(dot: Tensor, norm_a: Tensor, norm_c: Tensor) -> Tensor:
-    """cos(g_a, g_c), defined as 0 when either vector is zero, clamped to [−1, 1]."""
-    both = (norm_a > 0) & (norm_c > 0)
-    denom = torch.where(both, norm_a * norm_c, torch.ones_like(norm_a))
-    return torch.where(both, dot / denom, torch.zeros_like(dot)).clamp(-1.0, 1.0)
+def _dot_and_squares(a: Tensor, c: Tensor) -> Tensor:
+    """(⟨a, c⟩, ‖a‖², ‖c‖²) of two same-shape tensors, accumulated in float64."""
+    a, c = a.reshape(-1), c.reshape(-1)
+    parts = []
+    for start in range(0, max(a.numel(), 1), _CHUNK):
+        a64, c64 = a[start : start + _CHUNK].double(), c[start : start + _CHUNK].double()
+        parts.append(torch.stack([torch.dot(a64, c64), torch.dot(a64, a64), torch.dot(c64, c64)]))
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+
+
+def _per_tensor_products(g_a: GradList, g_c: GradList) -> _Products:
+    table = torch.stack([_dot_and_squares(a, c) for a, c in zip(g_a, g_c)])
+    scalar = torch.tensor([a.numel() == 1 for a in g_a], device=table.device)
+    return _Products(table[:, 0], table[:, 1], table[:, 2], scalar)
+
+
+def per_tensor_cosines(g_adv: GradList, g_clean: GradList) -> list[float]:
+    """cos(g_a, g_c) of each parameter tensor (0 where either is zero), in float64."""
+    _check_pair(g_adv, g_clean)
+    return _per_tensor_products(g_adv, g_clean).cos().tolist()
 
 
 def _mu(cos: Tensor, norm_a: Tensor, norm_c: Tensor) -> Tensor:
@@ -80,7 +133,8 @@ def _caat_coefficients(
     """Coefficients (a, c) of ``update = a·g_a + c·g_c`` by the CA-AT rule, vectorised.
 
     Works elementwise, so the same code serves one global decision (0-dim inputs) and one
-    decision per parameter tensor (1-dim inputs).
+    decision per parameter tensor (1-dim inputs). ``lambda_star`` is NaN where the update is
+    g_c alone (the paper's λ* is then unbounded).
     """
     has_clean = norm_c > 0
     has_adv = norm_a > 0
@@ -90,7 +144,8 @@ def _caat_coefficients(
     else:
         sin_gamma = (1.0 - gamma * gamma) ** 0.5
         projected = has_clean & has_adv & (cos < gamma)
-        sin_phi = (1.0 - cos.square()).clamp_min(0.0).sqrt()
+        # 1 − φ² as (1 − φ)(1 + φ): no cancellation of the 1 against φ² near φ = ±1
+        sin_phi = ((1.0 - cos) * (1.0 + cos)).clamp_min(0.0).sqrt()
         safe_norm_c = torch.where(has_clean, norm_c, torch.ones_like(norm_c))
         k_all = norm_a * (gamma * sin_phi - cos * sin_gamma) / (safe_norm_c * sin_gamma)
         k = torch.where(projected, k_all, torch.zeros_like(k_all))
@@ -98,8 +153,15 @@ def _caat_coefficients(
     one, zero = torch.ones_like(cos), torch.zeros_like(cos)
     a = torch.where(projected | only_adv, one, zero)
     c = torch.where(projected, k, torch.where(has_clean, one, zero))
-    lambda_eff = torch.where(projected, 1.0 / (1.0 + k), torch.where(only_adv, one, zero))
-    return {"a": a, "c": c, "k": k, "projected": projected, "lambda_eff": lambda_eff}
+    adv_share = torch.where(projected, 1.0 / (1.0 + k), torch.where(only_adv, one, zero))
+    lambda_star = torch.where(projected | only_adv, k, torch.full_like(k, float("nan")))
+    return {
+        "a": a,
+        "c": c,
+        "projected": projected,
+        "adv_share": adv_share,
+        "lambda_star": lambda_star,
+    }
 
 
 def _linear_combination(
@@ -115,38 +177,94 @@ def _zeros_like(grads: GradList) -> list[Tensor]:
     return [torch.zeros_like(g) for g in grads]
 
 
+def _unit_scale(norm: Tensor) -> Tensor:
+    """1/‖g‖ of a whole gradient (0 for a zero gradient): ``normalize``'s factor."""
+    return torch.where(norm > 0, 1.0 / norm.clamp_min(1e-300), torch.zeros_like(norm))
+
+
+def _mean_or_none(values: Tensor) -> Tensor:
+    """Mean of the finite entries (NaN when there are none), as a 0-dim tensor."""
+    keep = torch.isfinite(values)
+    return torch.where(keep, values, torch.zeros_like(values)).sum() / keep.sum()
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if value != value else value
+
+
 def conflict_stats(g_clean: GradList, g_adv: GradList) -> Stats:
     """Conflict statistics of a gradient pair, as Python numbers.
 
     Returns ``cos`` (φ), ``mu`` (μ), ``norm_clean``, ``norm_adv``, ``dot`` and ``finite``.
     """
     _check_pair(g_adv, g_clean)
-    dots, norm_a, norm_c = _per_tensor_dots_and_norms(g_adv, g_clean)
-    dot, na, nc = _global(dots, norm_a, norm_c)
-    cos = _cosine(dot, na, nc)
-    finite = torch.isfinite(dot) & torch.isfinite(na) & torch.isfinite(nc)
-    values = torch.stack([cos, _mu(cos, na, nc), nc, na, dot, finite.double()]).tolist()
+    whole = _per_tensor_products(g_adv, g_clean).total()
+    cos, na, nc = whole.cos(), whole.norm_a, whole.norm_c
+    finite = torch.isfinite(whole.dot) & torch.isfinite(na) & torch.isfinite(nc)
+    values = torch.stack([cos, _mu(cos, na, nc), nc, na, whole.dot, finite.double()]).tolist()
     keys = ("cos", "mu", "norm_clean", "norm_adv", "dot")
     stats: Stats = dict(zip(keys, values[:5]))
     stats["finite"] = bool(values[5])
     return stats
 
 
-def combine_vanilla(g_adv: GradList, g_clean: GradList, lam: float) -> tuple[list[Tensor], Stats]:
-    """Vanilla AT: ``(1 − λ)·g_c + λ·g_a``. λ = 0 is standard training, λ = 1 Madry's AT."""
+def combine_vanilla(
+    g_adv: GradList,
+    g_clean: GradList,
+    lam: float,
+    *,
+    granularity: str = "global",
+    normalize: bool = False,
+) -> tuple[list[Tensor], Stats]:
+    """Vanilla AT: ``(1 − λ)·g_c + λ·g_a``. λ = 0 is standard training, λ = 1 Madry's AT.
+
+    ``normalize`` averages the unit-normalised whole gradients (the authors' ``grad_norm``);
+    ``granularity`` is accepted for symmetry with CA-AT and changes nothing (the average is
+    linear, so per tensor it is the same update).
+    """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
+    _check_granularity(granularity)
     stats = conflict_stats(g_clean, g_adv)
-    stats.update(projected=False, lambda_eff=float(lam))
+    stats.update(
+        projected=False,
+        adv_share=float(lam),
+        lambda_star=(1.0 - lam) / lam if lam > 0 else None,
+    )
     if not stats["finite"]:
         return _zeros_like(g_clean), stats
-    if lam == 0.0:
+    scale_a, scale_c = 1.0, 1.0
+    if normalize:
+        norm_a, norm_c = torch.tensor([stats["norm_adv"], stats["norm_clean"]], dtype=torch.float64)
+        scale_a, scale_c = float(_unit_scale(norm_a)), float(_unit_scale(norm_c))
+    if lam == 0.0 and not normalize:
         update = [g.clone() for g in g_clean]
-    elif lam == 1.0:
+    elif lam == 1.0 and not normalize:
         update = [g.clone() for g in g_adv]
     else:
-        update = _linear_combination(g_adv, g_clean, lam, 1.0 - lam)
+        update = _linear_combination(g_adv, g_clean, lam * scale_a, (1.0 - lam) * scale_c)
     return update, stats
+
+
+def _check_granularity(granularity: str) -> None:
+    if granularity not in ("global", "tensor"):
+        raise ValueError(f"granularity must be 'global' or 'tensor', got {granularity!r}")
+
+
+def _caat_rule(
+    per_tensor: _Products, gamma: float, granularity: str, normalize: bool
+) -> dict[str, Tensor]:
+    """CA-AT's coefficients on the raw gradients: ``update = a·g_a + c·g_c`` (per tensor for
+    ``"tensor"``), with ``normalize``'s 1/‖g‖ factors of the whole gradients folded in."""
+    whole = per_tensor.total()
+    rule = whole if granularity == "global" else per_tensor
+    rule_cos = rule.cos()  # scaling a whole gradient changes no cosine
+    scale_a = _unit_scale(whole.norm_a) if normalize else torch.ones_like(whole.dot)
+    scale_c = _unit_scale(whole.norm_c) if normalize else torch.ones_like(whole.dot)
+    coef = _caat_coefficients(rule_cos, rule.norm_a * scale_a, rule.norm_c * scale_c, gamma)
+    coef["a"] = coef["a"] * scale_a
+    coef["c"] = coef["c"] * scale_c
+    return coef
 
 
 def combine_caat(
@@ -164,39 +282,27 @@ def combine_caat(
         gamma: cosine threshold γ ∈ (−1, 1]; γ = 1 is standard training.
         granularity: ``"global"`` decides once on the whole gradient (the paper);
             ``"tensor"`` applies the rule to each parameter tensor separately.
-        normalize: unit-normalise both gradients (per the granularity) before combining.
+        normalize: scale both *whole* gradients to unit norm first, then apply the rule at
+            the granularity (the authors' order).
 
     Returns:
         The update (new tensors) and stats: ``cos``, ``mu``, ``norm_clean``, ``norm_adv``
-        (all of the whole gradient), ``projected`` (any projection happened), ``lambda_eff``
-        (λ* = 1/(1+k), 0 without projection; mean over tensors for ``"tensor"``),
+        (all of the whole gradient), ``projected`` (any projection happened), ``lambda_star``
+        (the paper's λ* = k; None without projection; mean over projected tensors for
+        ``"tensor"``), ``adv_share`` (1/(1+k), 0 without projection; mean over tensors),
         ``projected_fraction`` and ``finite``.
     """
     if not -1.0 < gamma <= 1.0:
         raise ValueError(f"gamma must be in (-1, 1], got {gamma}")
-    if granularity not in ("global", "tensor"):
-        raise ValueError(f"granularity must be 'global' or 'tensor', got {granularity!r}")
+    _check_granularity(granularity)
     _check_pair(g_adv, g_clean)
 
-    dots, norm_a, norm_c = _per_tensor_dots_and_norms(g_adv, g_clean)
-    dot, na, nc = _global(dots, norm_a, norm_c)
-    cos = _cosine(dot, na, nc)
-    finite = torch.isfinite(dot) & torch.isfinite(na) & torch.isfinite(nc)
-
-    if granularity == "global":
-        rule_dot, rule_na, rule_nc = dot, na, nc
-    else:
-        rule_dot, rule_na, rule_nc = dots, norm_a, norm_c
-    rule_cos = _cosine(rule_dot, rule_na, rule_nc)
-    if normalize:
-        # The rule then sees unit vectors; the 1/‖·‖ factors are folded into (a, c) below.
-        unit = lambda n: torch.where(n > 0, torch.ones_like(n), torch.zeros_like(n))  # noqa: E731
-        coef = _caat_coefficients(rule_cos, unit(rule_na), unit(rule_nc), gamma)
-        inv = lambda n: torch.where(n > 0, 1.0 / n.clamp_min(1e-300), torch.zeros_like(n))  # noqa: E731
-        a, c = coef["a"] * inv(rule_na), coef["c"] * inv(rule_nc)
-    else:
-        coef = _caat_coefficients(rule_cos, rule_na, rule_nc, gamma)
-        a, c = coef["a"], coef["c"]
+    per_tensor = _per_tensor_products(g_adv, g_clean)
+    whole = per_tensor.total()
+    cos, na, nc = whole.cos(), whole.norm_a, whole.norm_c
+    finite = torch.isfinite(whole.dot) & torch.isfinite(na) & torch.isfinite(nc)
+    coef = _caat_rule(per_tensor, gamma, granularity, normalize)
+    a, c = coef["a"], coef["c"]
 
     # One host read-back for every decision and statistic.
     head = torch.stack(
@@ -208,12 +314,13 @@ def combine_caat(
             finite.double(),
             coef["projected"].double().max(),
             coef["projected"].double().mean(),
-            coef["lambda_eff"].mean(),
+            coef["adv_share"].mean(),
+            _mean_or_none(coef["lambda_star"]),
         ]
     )
     values = torch.cat([head, a.reshape(-1), c.reshape(-1)]).tolist()
-    n = a.numel()
-    a_host, c_host = values[8 : 8 + n], values[8 + n :]
+    n, h = a.numel(), head.numel()
+    a_host, c_host = values[h : h + n], values[h + n :]
     stats: Stats = {
         "cos": values[0],
         "mu": values[1],
@@ -222,10 +329,11 @@ def combine_caat(
         "finite": bool(values[4]),
         "projected": bool(values[5]),
         "projected_fraction": values[6],
-        "lambda_eff": values[7],
+        "adv_share": values[7],
+        "lambda_star": _nan_to_none(values[8]),
     }
     if not stats["finite"]:
-        stats.update(projected=False, projected_fraction=0.0, lambda_eff=0.0)
+        stats.update(projected=False, projected_fraction=0.0, adv_share=0.0, lambda_star=None)
         return _zeros_like(g_clean), stats
     if granularity == "global":
         (a_scalar,), (c_scalar,) = a_host, c_host
@@ -245,7 +353,9 @@ def make_combiner(
 ) -> Combiner:
     """Return ``combine(g_adv, g_clean) -> (update, stats)`` for a combiner kind."""
     if kind == "vanilla":
-        return lambda g_adv, g_clean: combine_vanilla(g_adv, g_clean, lam)
+        return lambda g_adv, g_clean: combine_vanilla(
+            g_adv, g_clean, lam, granularity=granularity, normalize=normalize
+        )
     if kind == "caat":
         return lambda g_adv, g_clean: combine_caat(
             g_adv, g_clean, gamma, granularity=granularity, normalize=normalize

@@ -8,11 +8,17 @@ Batch reductions are means, so the losses do not scale with the batch size.
 
 * ``pgd-ce`` (Madry et al., 2018): L_adv = CE(f(x'), y), x' from PGD (or FGSM) on CE.
 * ``trades`` (Zhang et al., 2019): L_adv = KL(f(x) ‖ f(x')), x' maximises that KL.
-* ``mart`` (Wang et al., 2020): L_adv = BCE(f(x'), y) + β·KL(f(x) ‖ f(x'))·(1 − p_y(x)).
-* ``clp`` (adversarial logit pairing, Kannan et al., 2018): L_adv = CE(f(x'), y)
-  + w·MSE(z(x), z(x')) on the logits z.
+* ``mart`` (Wang et al., 2020): L_adv = BCE(f(x'), y) + β·KL(f(x) ‖ f(x'))·(1 − p_y(x)), with
+  the CA-AT authors' β = 1 by default (Wang et al. use β = 6 on CIFAR-10).
+* ``clp`` (the CA-AT authors' clean logit pairing): L_adv = (1/B) Σ_i ‖p(x'_i) − p(x_i)‖₂, the
+  unsquared L2 distance between the softmax *probability* vectors, no cross-entropy term.
+* ``alp`` (adversarial logit pairing, Kannan et al., 2018): L_adv = CE(f(x'), y)
+  + w·MSE(z(x), z(x')) on the logits z; not in the paper, kept as the better-known variant.
 
-Where L_adv needs the clean logits (trades, mart, clp) they come from the same forward pass as
+``mart`` and ``clp`` attack CE from x + 0.001·N(0, I), as the authors' code does, instead of a
+uniform point of the ε-ball (TRADES starts the same way); ``pgd-ce`` and ``alp`` start uniformly.
+
+Where L_adv needs the clean logits (trades, mart, clp, alp) they come from the same forward pass as
 L_clean, so the two losses share one graph: the training step takes ∇θ L_clean with
 ``retain_graph=True`` before ∇θ L_adv.
 """
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from caat_peft.attacks import (
+    TRADES_START_STD,
     at_least_fp32,
     fgsm,
     kl_divergence,
@@ -35,8 +42,8 @@ from caat_peft.attacks import (
 )
 from caat_peft.config import AttackConfig, ObjectiveConfig
 
-MART_BETA = 6.0  # Wang et al. (2020), CIFAR-10
-PAIRING_WEIGHT = 0.5
+MART_BETA = 1.0  # the CA-AT authors' MART split (Wang et al., 2020, use 6.0 on CIFAR-10)
+PAIRING_WEIGHT = 0.5  # alp
 
 
 @dataclass
@@ -83,6 +90,18 @@ def mart_adv_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: flo
     return (bce + beta * kl * (1.0 - p_true)).mean()
 
 
+def probability_pairing_adv_loss(logits_clean: Tensor, logits_adv: Tensor) -> Tensor:
+    """The CA-AT authors' CLP term: the mean over the batch of the unsquared L2 distance between
+    the clean and adversarial softmax probability vectors, (1/B) Σ_i ‖p(x'_i) − p(x_i)‖₂.
+
+    The distance's gradient is undefined where the two vectors are equal (the norm's kink at 0);
+    torch's ``vector_norm`` gives 0 there, as the authors' ``torch.norm`` does.
+    """
+    logits_clean, logits_adv = at_least_fp32(logits_clean), at_least_fp32(logits_adv)
+    diff = F.softmax(logits_adv, dim=1) - F.softmax(logits_clean, dim=1)
+    return torch.linalg.vector_norm(diff, ord=2, dim=1).mean()
+
+
 def logit_pairing_adv_loss(
     logits_clean: Tensor, logits_adv: Tensor, y: Tensor, weight: float
 ) -> Tensor:
@@ -115,11 +134,17 @@ class Objective:
         self.attack_cfg = attack
         self.objective_cfg = objective or ObjectiveConfig(kind=self.name)
 
+    # Where the CE attack starts: "uniform" (a uniform point of the ε-ball, Madry et al.) or
+    # "normal" (x + 0.001·N(0, I), the authors' MART and CLP code).
+    start = "uniform"
+
     def attack(
         self, model: nn.Module, x: Tensor, y: Tensor, init_delta: Tensor | None = None
     ) -> Tensor:
         """x' maximising CE by the configured attack (``attack.kind``: pgd or fgsm)."""
         a = self.attack_cfg
+        if a.random_start and self.start == "normal":
+            init_delta = self._normal_start(x, init_delta)
         common = {
             "eps": a.eps,
             "norm": a.norm,
@@ -130,6 +155,16 @@ class Objective:
         if a.kind == "fgsm":
             return fgsm(model, x, y, alpha=a.fgsm_alpha, **common)
         return pgd(model, x, y, alpha=a.alpha, steps=a.steps, **common)
+
+    def _normal_start(self, x: Tensor, init_delta: Tensor | None) -> Tensor:
+        """0.001·ξ, ξ ~ N(0, I): from the trainer's global-batch start when given (so that the
+        run does not depend on the process count), else drawn."""
+        a = self.attack_cfg
+        if init_delta is not None:
+            noise = standard_normal_from_start(init_delta.to(x), a.eps, a.norm)
+        else:
+            noise = torch.randn_like(x)
+        return TRADES_START_STD * noise
 
     def adversarial_loss(self, logits_clean: Tensor, logits_adv: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(logits_adv, y)
@@ -192,9 +227,11 @@ class Trades(Objective):
 
 
 class Mart(Objective):
-    """MART: boosted BCE on x' plus a misclassification-weighted KL; x' from the CE attack."""
+    """MART: boosted BCE on x' plus a misclassification-weighted KL; x' from the CE attack
+    started at x + 0.001·N(0, I) (the authors' code)."""
 
     name = "mart"
+    start = "normal"
 
     def __init__(self, attack: AttackConfig, objective: ObjectiveConfig | None = None) -> None:
         super().__init__(attack, objective)
@@ -206,9 +243,20 @@ class Mart(Objective):
 
 
 class Clp(Objective):
-    """Logit pairing: CE on x' plus the clean-to-adversarial logit distance; x' from CE."""
+    """The authors' CLP: the L2 distance between clean and adversarial probabilities, no CE;
+    x' from the CE attack started at x + 0.001·N(0, I)."""
 
     name = "clp"
+    start = "normal"
+
+    def adversarial_loss(self, logits_clean: Tensor, logits_adv: Tensor, y: Tensor) -> Tensor:
+        return probability_pairing_adv_loss(logits_clean, logits_adv)
+
+
+class Alp(Objective):
+    """Adversarial logit pairing: CE on x' plus the clean-to-adversarial logit distance."""
+
+    name = "alp"
 
     def __init__(self, attack: AttackConfig, objective: ObjectiveConfig | None = None) -> None:
         super().__init__(attack, objective)
@@ -219,7 +267,7 @@ class Clp(Objective):
         return logit_pairing_adv_loss(logits_clean, logits_adv, y, self.pairing_weight)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (PgdCE, Trades, Mart, Clp)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (PgdCE, Trades, Mart, Clp, Alp)}
 
 
 def build_objective(kind: str | ObjectiveConfig, attack: AttackConfig) -> Objective:

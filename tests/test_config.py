@@ -91,3 +91,61 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_bad_overrides(item):
     with pytest.raises(ConfigError):
         load_config(None, [item])
+
+
+def test_a_recipe_extends_its_base(tmp_path):
+    """``base:`` merges the named recipe underneath, section by section; overrides apply last."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text(
+        "data: {name: digits, image_size: 16}\ntrain: {epochs: 3, lr: 1.0e-3}\n"
+    )
+    (tmp_path / "sub" / "variant.yaml").write_text(
+        "base: ../base.yaml\ntrain: {lr: 0.05, optimizer: sgd, nesterov: true}\n"
+    )
+    cfg = load_config(tmp_path / "sub" / "variant.yaml", ["train.epochs=4"])
+    assert cfg.data.image_size == 16 and cfg.train.epochs == 4
+    assert (cfg.train.lr, cfg.train.optimizer, cfg.train.nesterov) == (0.05, "sgd", True)
+
+
+@pytest.mark.parametrize(
+    "files,message",
+    [
+        (
+            {"a.yaml": "base: missing.yaml\n"},
+            r"config file not found: .*missing.yaml \(the base of",
+        ),
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "extends itself in a cycle"),
+        ({"a.yaml": "base: a.yaml\n"}, "extends itself in a cycle"),
+        ({"a.yaml": "base: [b.yaml]\n"}, "must be the path of a recipe"),
+    ],
+)
+def test_bad_bases_are_one_line_errors(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize(
+    "objective,expected",
+    [
+        ("{kind: mart}", ("mart", 6.0)),  # the default was Wang et al.'s β = 6
+        ("{kind: mart, beta: 2.0}", ("mart", 2.0)),
+        ("{kind: clp}", ("alp", None)),  # the old clp was Kannan et al.'s logit pairing
+        ("{kind: trades}", ("trades", None)),
+    ],
+)
+def test_runs_saved_before_the_authors_objectives_keep_their_objective(
+    tmp_path, objective, expected
+):
+    """A run saved before ``train.nesterov`` existed trained mart with β = 6 and 'clp' with CE +
+    logit pairing: read back as what it was, so a resume or a front names the difference."""
+    from caat_peft.config import config_yaml, load_run_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text(f"objective: {objective}\ntrain: {{epochs: 2}}\n")
+    cfg = load_run_config(old)
+    assert (cfg.objective.kind, cfg.objective.beta) == expected
+    new = tmp_path / "new.yaml"
+    new.write_text(config_yaml(load_config(old)))  # saved now: every key, nesterov included
+    assert load_run_config(new).objective == load_config(old).objective

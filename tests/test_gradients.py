@@ -58,7 +58,9 @@ def test_projection_lies_on_the_cone(seed_a, seed_c, gamma, scale_a, scale_c):
     assert cos(u, flat(g_c)) == pytest.approx(gamma, abs=1e-9)
     expected_norm = flat(g_a).norm() * math.sqrt(1 - phi**2) / math.sqrt(1 - gamma**2)
     assert float(u.norm()) == pytest.approx(float(expected_norm), rel=1e-9)
-    assert 0 < stats["lambda_eff"] < 1  # λ* = 1/(1+k) with k > 0
+    k = stats["lambda_star"]  # the paper's λ*: the update is ∇(λ*·L_c + L_a) = g_a + λ*·g_c
+    assert k > 0 and stats["adv_share"] == pytest.approx(1 / (1 + k), rel=1e-12)
+    torch.testing.assert_close(u, flat(g_a) + k * flat(g_c))
     torch.testing.assert_close(u, reference_caat(flat(g_a), flat(g_c), gamma))
 
 
@@ -70,7 +72,8 @@ def test_no_projection_when_gradients_agree(seed_a, seed_c, gamma):
     phi = cos(flat(g_a), flat(g_c))
     assume(phi >= gamma)
     update, stats = combine_caat(g_a, g_c, gamma)
-    assert stats["projected"] is False and stats["lambda_eff"] == 0.0
+    assert stats["projected"] is False and stats["adv_share"] == 0.0
+    assert stats["lambda_star"] is None  # the update is g_c alone: no finite λ*
     for u, c in zip(update, g_c):
         assert torch.equal(u, c)
 
@@ -88,7 +91,7 @@ def test_agreeing_pair_is_not_projected():
 def test_gamma_one_is_standard_training(seed_a, seed_c):
     g_a, g_c = grads_from_seed(seed_a), grads_from_seed(seed_c)
     update, stats = combine_caat(g_a, g_c, 1.0)
-    assert not stats["projected"] and stats["lambda_eff"] == 0.0
+    assert not stats["projected"] and stats["adv_share"] == 0.0
     assert all(torch.equal(u, c) for u, c in zip(update, g_c))
     assert all(torch.isfinite(u).all() for u in update)
 
@@ -99,7 +102,13 @@ def test_vanilla_is_the_weighted_average(seed_a, seed_c, lam):
     g_a, g_c = grads_from_seed(seed_a), grads_from_seed(seed_c)
     update, stats = combine_vanilla(g_a, g_c, lam)
     torch.testing.assert_close(flat(update), (1 - lam) * flat(g_c) + lam * flat(g_a))
-    assert stats["lambda_eff"] == lam and stats["projected"] is False
+    assert stats["adv_share"] == lam and stats["projected"] is False
+    if lam > 1e-6:  # the same reading as CA-AT's: update = λ·(g_a + λ*·g_c)
+        torch.testing.assert_close(
+            flat(update), lam * (flat(g_a) + stats["lambda_star"] * flat(g_c))
+        )
+    elif lam == 0:
+        assert stats["lambda_star"] is None
 
 
 def test_vanilla_endpoints_are_exact():
@@ -168,10 +177,8 @@ def test_zero_clean_gradient_follows_the_adversarial_one(granularity, normalize)
     g_a = grads_from_seed(8)
     update, stats = combine_caat(g_a, zeros(), 0.8, granularity=granularity, normalize=normalize)
     expected = g_a if not normalize else [a / flat(g_a).norm() for a in g_a]
-    if normalize and granularity == "tensor":
-        expected = [a / a.norm() for a in g_a]
     torch.testing.assert_close(flat(update), flat(expected))
-    assert stats["lambda_eff"] == 1.0 and stats["finite"]
+    assert stats["adv_share"] == 1.0 and stats["lambda_star"] == 0.0 and stats["finite"]
 
 
 @pytest.mark.parametrize("granularity", ["global", "tensor"])
@@ -179,7 +186,7 @@ def test_zero_adversarial_gradient_keeps_the_clean_one(granularity):
     g_c = grads_from_seed(9)
     update, stats = combine_caat(zeros(), g_c, 0.8, granularity=granularity)
     torch.testing.assert_close(flat(update), flat(g_c))
-    assert stats["lambda_eff"] == 0.0 and not stats["projected"]
+    assert stats["adv_share"] == 0.0 and not stats["projected"]
 
 
 @pytest.mark.parametrize("gamma", [-0.5, 0.0, 0.8, 1.0])

@@ -13,7 +13,10 @@ from caat_peft.training import train
 
 from conftest import ROOT
 
-RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name != "tiny.yaml")
+ALL_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name != "tiny.yaml")
+# The authors'-optimiser variants change only train.*: they are checked against their base below.
+RECIPES = [p for p in ALL_RECIPES if not p.stem.endswith("_sgd")]
+SGD_VARIANTS = [p for p in ALL_RECIPES if p.stem.endswith("_sgd")]
 
 # The same architecture family, shrunk so that a CPU step at 224 px takes a fraction of a second.
 SHRINK = {
@@ -31,6 +34,20 @@ def test_the_paper_grid_is_shipped():
         for p in ("adapter", "lora")
     }
     assert expected <= names
+
+
+def test_every_paper_recipe_has_an_authors_optimiser_variant():
+    assert {p.stem for p in SGD_VARIANTS} == {f"{p.stem}_sgd" for p in RECIPES}
+
+
+@pytest.mark.parametrize("variant", SGD_VARIANTS, ids=lambda p: p.stem)
+def test_sgd_variant_is_its_base_with_nesterov_sgd(variant: Path):
+    cfg = load_config(variant)
+    base = load_config(variant.with_name(variant.stem.removesuffix("_sgd") + ".yaml"))
+    assert (cfg.train.optimizer, cfg.train.momentum, cfg.train.nesterov) == ("sgd", 0.9, True)
+    assert cfg.model == base.model and cfg.peft == base.peft and cfg.data == base.data
+    assert cfg.attack == base.attack and cfg.combiner == base.combiner
+    assert cfg.train.epochs == base.train.epochs and cfg.train.schedule == base.train.schedule
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)

@@ -76,7 +76,7 @@ def test_loss_scaling_unscales_both_gradients_before_combining():
     scaler = LossScaler(init_scale=2.0**12)
     scaled, moved_scaled = _step(copy.deepcopy(model), cfg, batch, scaler=scaler)
     assert scaled.stats["loss_scale"] == 2.0**12
-    for key in ("cos", "norm_clean", "norm_adv", "lambda_eff"):
+    for key in ("cos", "norm_clean", "norm_adv", "adv_share"):
         assert scaled.stats[key] == pytest.approx(plain.stats[key], rel=1e-5, abs=1e-7), key
     for a, b in zip(moved_scaled, moved_plain):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
@@ -174,6 +174,22 @@ def test_no_weight_decay_on_norms_and_biases():
     assert not any(names[i].endswith("bias") for i in decay)
     assert any(names[i].endswith("qkv.weight") for i in decay)
     assert all(g.get("foreach") for g in opt.param_groups)
+
+
+def test_sgd_with_nesterov_momentum_is_torchs():
+    """train.optimizer = sgd with nesterov: torch's SGD(momentum, nesterov), the same steps."""
+    cfg = from_dict({"train": {"optimizer": "sgd", "nesterov": True, "lr": 0.1, "weight_decay": 0}})
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    ref = torch.nn.Parameter(w.detach().clone())
+    opt = make_optimizer([("w", w)], cfg.train)
+    expected = torch.optim.SGD([ref], lr=0.1, momentum=0.9, nesterov=True)
+    assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.9
+    for _ in range(3):
+        for p, o in ((w, opt), (ref, expected)):
+            o.zero_grad()
+            (p**2).sum().backward()
+            o.step()
+    torch.testing.assert_close(w.detach(), ref.detach(), rtol=0, atol=0)
 
 
 def test_micro_batch_gradients_are_over_trainable_parameters_only():

@@ -21,7 +21,16 @@ from caat_peft.training.step import MicroBatch
 
 from conftest import TINY_RECIPE
 
-STEP_KEYS = {"loss_clean", "loss_adv", "cos", "mu", "lambda_eff", "norm_clean", "norm_adv"}
+STEP_KEYS = {
+    "loss_clean",
+    "loss_adv",
+    "cos",
+    "mu",
+    "lambda_star",
+    "adv_share",
+    "norm_clean",
+    "norm_adv",
+}
 
 
 @pytest.mark.parametrize("combiner", [["combiner.kind=caat"], ["combiner.kind=vanilla"]])
@@ -37,9 +46,11 @@ def test_run_directory_contents(tmp_path, tiny_cfg, combiner):
     assert all(r.keys() >= STEP_KEYS and isinstance(r["projected"], bool) for r in steps)
     assert all(math.isfinite(r["cos"]) and -1 <= r["cos"] <= 1 for r in steps)
     if cfg.combiner.kind == "vanilla":
-        assert all(r["lambda_eff"] == 0.5 and not r["projected"] for r in steps)
+        assert all(r["adv_share"] == 0.5 and not r["projected"] for r in steps)
+        assert all(r["lambda_star"] == 1.0 for r in steps)  # (1 − λ)/λ
     else:
-        assert all((r["lambda_eff"] > 0) == r["projected"] for r in steps)
+        assert all((r["adv_share"] > 0) == r["projected"] for r in steps)
+        assert all((r["lambda_star"] is not None) == r["projected"] for r in steps)
     final = json.loads((run / "final.json").read_text())
     assert final["clean_acc"] == epochs[-1]["clean_acc"]
     assert final["robust_acc"] == epochs[-1]["robust_acc"]

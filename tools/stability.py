@@ -1,6 +1,7 @@
 """Run the tests that assert a training outcome under float-kernel, thread and seed variations.
 
     python tools/stability.py [--seeds 0-4] [--demo-seeds 0] [--jobs 2] [--out stability.json]
+                              [--tests NODE,NODE]
 
 Each variation is a fresh pytest process with ATEN_CPU_CAPABILITY (default / avx2 / avx512),
 OMP_NUM_THREADS (1 / 2) and CAAT_PEFT_TEST_SEED set; the tests append what they measured to
@@ -118,14 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--jobs", type=int, default=2, help="pytest processes at once (1-thread runs)")
     p.add_argument("--out", default="stability.json")
+    p.add_argument(
+        "--tests",
+        default=",".join(OUTCOME_TESTS),
+        help="comma-separated pytest node ids (default: every outcome test)",
+    )
     args = p.parse_args(argv)
+    outcome_tests = [t for t in args.tests.split(",") if t]
     seeds, demo_seeds = parse_seeds(args.seeds), parse_seeds(args.demo_seeds)
     variants = list(
         itertools.product(args.capabilities.split(","), [int(t) for t in args.threads.split(",")])
     )
     plan = []
     for (cap, threads), seed in itertools.product(variants, sorted(set(seeds) | set(demo_seeds))):
-        tests = (OUTCOME_TESTS if seed in seeds else []) + (
+        tests = (outcome_tests if seed in seeds else []) + (
             [DEMO_TEST] if seed in demo_seeds else []
         )
         plan.append((cap, threads, seed, tests))

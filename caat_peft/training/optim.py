@@ -15,7 +15,7 @@ from caat_peft.config import TrainConfig
 def make_optimizer(
     named_params: Sequence[tuple[str, nn.Parameter]], cfg: TrainConfig
 ) -> torch.optim.Optimizer:
-    """AdamW / SGD; no weight decay on biases and normalisation weights (1-D tensors)."""
+    """AdamW / SGD (optionally Nesterov); no weight decay on biases and normalisation weights (1-D tensors)."""
     decay = [p for _, p in named_params if p.ndim > 1]
     no_decay = [p for _, p in named_params if p.ndim <= 1]
     groups = [
@@ -26,7 +26,9 @@ def make_optimizer(
     # foreach: one kernel per operation over all tensors; torch picks it by default on CUDA
     # only, and on CPU it made the CA-AT update 1.1x faster (benchmarks/, docs/benchmarks.md).
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True
+        )
     return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
 
 

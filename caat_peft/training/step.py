@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from caat_peft.gradients import Combiner
+from caat_peft.gradients import Combiner, per_tensor_cosines
 from caat_peft.objectives import PgdCE
 from caat_peft.training.distributed import Reducer
 from caat_peft.training.fastpath import autocast_for
@@ -171,9 +171,4 @@ def per_tensor_cosine(
     g_a: Sequence[Tensor], g_c: Sequence[Tensor], names: Sequence[str]
 ) -> dict[str, float]:
     """cos(g_a, g_c) of each parameter tensor: where in the network the conflict sits."""
-    dots = torch.stack([torch.dot(a.reshape(-1), c.reshape(-1)) for a, c in zip(g_a, g_c)])
-    norms = torch.stack(torch._foreach_norm(list(g_a))) * torch.stack(
-        torch._foreach_norm(list(g_c))
-    )
-    cos = torch.where(norms > 0, dots / norms.clamp_min(1e-30), torch.zeros_like(dots))
-    return dict(zip(names, cos.tolist()))
+    return dict(zip(names, per_tensor_cosines(g_a, g_c)))

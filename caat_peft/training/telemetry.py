@@ -67,11 +67,12 @@ def plot_conflict(metrics_path: Path, out_path: Path) -> Path | None:
     panels = (
         ("cos", "φ = cos(g_a, g_c)"),
         ("mu", "μ = ‖g_c‖‖g_a‖(1 − φ)"),
-        ("lambda_eff", "λ* (effective adversarial weight)"),
+        ("lambda_star", "λ* (weight on L_clean; none: g_c alone)"),
     )
     fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
     for ax, (key, label) in zip(axes, panels):
-        ax.plot(steps, [r.get(key, float("nan")) for r in rows], lw=1)
+        values = [r.get(key) for r in rows]
+        ax.plot(steps, [float("nan") if v is None else v for v in values], lw=1)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[1].set_yscale("symlog", linthresh=1e-4)
