@@ -1,4 +1,4 @@
-"""``caat-peft train | eval | compare | report | front | demo``: the command line.
+"""``caat-peft train | eval | compare | report | front | study | demo``: the command line.
 
 Mistakes a user can fix end with one line on stderr and exit code 2 (see ``errors.UserError``);
 anything else is a bug and keeps its traceback.
@@ -89,11 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     from caat_peft.compare import add_compare_parser
     from caat_peft.front import add_front_parser
+    from caat_peft.study import add_study_parser
     from caat_peft.table import add_report_parser
 
     add_compare_parser(sub)
     add_report_parser(sub)
     add_front_parser(sub)
+    add_study_parser(sub)
     return parser
 
 
@@ -209,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         from caat_peft.compare import cmd_compare
         from caat_peft.front import cmd_front
+        from caat_peft.study import cmd_study
         from caat_peft.table import cmd_report
 
         handlers = {
@@ -218,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "compare": cmd_compare,
             "report": cmd_report,
             "front": cmd_front,
+            "study": cmd_study,
         }
         handler = handlers[args.command]
         return handler(args)

@@ -120,8 +120,9 @@ def cache_dir() -> Path:
 STAGE1_VERSION = 2
 
 
-def stage1_checkpoint(*, fresh: bool = False, progress: bool = True, seed: int = 0) -> Path:
-    """Train (or reuse) the robust source model; return its plain timm state-dict file."""
+def stage1_path(seed: int = 0) -> Path:
+    """Where the robust source model of this seed is (or will be) cached; trains nothing, so
+    that a caller can plan with the path and check everything before stage 1 runs."""
     import timm
 
     clean_cfg, adv_cfg = _stage1_configs(seed)
@@ -129,7 +130,14 @@ def stage1_checkpoint(*, fresh: bool = False, progress: bool = True, seed: int =
         [clean_cfg, adv_cfg, torch.__version__, timm.__version__, STAGE1_VERSION], sort_keys=True
     )
     folder = cache_dir() / "demo" / hashlib.sha256(key.encode()).hexdigest()[:16]
-    checkpoint = folder / "source_vit_digits04.pth"
+    return folder / "source_vit_digits04.pth"
+
+
+def stage1_checkpoint(*, fresh: bool = False, progress: bool = True, seed: int = 0) -> Path:
+    """Train (or reuse) the robust source model; return its plain timm state-dict file."""
+    clean_cfg, adv_cfg = _stage1_configs(seed)
+    checkpoint = stage1_path(seed)
+    folder = checkpoint.parent
     if checkpoint.is_file() and not fresh:
         print(f"stage 1: reusing the robust source checkpoint {checkpoint}")
         return checkpoint

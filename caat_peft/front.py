@@ -35,16 +35,18 @@ from caat_peft.config import (
     to_dict,
 )
 from caat_peft.errors import UserError
+from caat_peft.evaluation.store import atomic_write_text
 from caat_peft.front_uncertainty import hypervolume_difference, point_images, point_intervals
 from caat_peft.stats import format_ci
 from caat_peft.training import train
 from caat_peft.training.checkpoint import list_checkpoints
-from caat_peft.training.trainer import atomic_write_text
+from caat_peft.training.trainer import HEAD_INIT_DIR
 
 #: The two methods of a front, with the config key of each one's trade-off knob.
 METHODS: dict[str, str] = {"vanilla": "lam", "caat": "gamma"}
-_SYMBOL = {"vanilla": "λ", "caat": "γ"}
-_DISPLAY = {"vanilla": "vanilla AT", "caat": "CA-AT"}
+#: Each method's trade-off symbol and its name in reports (front.md, study.md, the figures).
+SYMBOL = {"vanilla": "λ", "caat": "γ"}
+DISPLAY = {"vanilla": "vanilla AT", "caat": "CA-AT"}
 EVAL_ATTACKS = ("pgd20", "autoattack")
 #: The PGD steps pinned for every run of a front, so that final.json always holds PGD-20 numbers
 #: and a front evaluated with pgd20 and then autoattack reuses the same trained runs.
@@ -186,13 +188,16 @@ class SweepPoint:
     seed: int
     name: str  # run directory name under the output directory
     cfg: Config
+    # every override after the recipe that rebuilds ``cfg``: what a printed `caat-peft train`
+    # command for this point (``caat-peft study --plan``) has to pass
+    overrides: tuple[str, ...] = ()
 
     @property
     def knob(self) -> str:
         return METHODS[self.method]
 
 
-def _fmt(value: float) -> str:
+def fmt(value: float) -> str:
     """Exact, short text for a value in a directory name or label: 0.5, 1, 0.95, -0.2.
 
     The shortest round-tripping repr, so that two different values never share a run directory
@@ -208,12 +213,16 @@ def point_name(method: str, value: float, seed: int, base_seed: int) -> str:
     The recipe's seed gets no suffix, so a single-seed sweep extended later with more seeds
     reuses its runs instead of training them again under a new name.
     """
-    name = f"{method}-{METHODS[method]}{_fmt(value)}"
+    name = f"{method}-{METHODS[method]}{fmt(value)}"
     return name if seed == base_seed else f"{name}-seed{seed}"
 
 
-def _saved_config_difference(point: SweepPoint, run_dir: Path) -> str | None:
+def saved_config_difference(point: SweepPoint, run_dir: Path) -> str | None:
     """How the run in ``run_dir`` was configured differently from ``point`` (None: the same)."""
+    from caat_peft.training.head_init import first_stage_only, stage_one_difference
+
+    if first_stage_only(run_dir):  # train.init_head, stopped in (or after) its first stage
+        return stage_one_difference(point.cfg, run_dir)
     try:
         saved = load_run_config(run_dir / "config.yaml")
     except ConfigError as exc:
@@ -224,10 +233,12 @@ def _saved_config_difference(point: SweepPoint, run_dir: Path) -> str | None:
     return first_difference(to_dict(point.cfg), to_dict(saved))
 
 
-def _run_state(run_dir: Path) -> str:
+def run_state(run_dir: Path) -> str:
     """done (final.json), resume (killed, with a checkpoint), restart (killed, none), or new."""
     if (run_dir / "final.json").is_file():
         return "done"
+    if (run_dir / HEAD_INIT_DIR / "config.yaml").is_file():
+        return "resume"  # train.init_head: a finished first stage is kept, a killed one resumes
     if (run_dir / "config.yaml").is_file():
         return "resume" if list_checkpoints(run_dir) else "restart"
     return "new"
@@ -263,17 +274,64 @@ def plan_sweep(
                     f"train.seed={seed}",
                     f"eval.steps={FRONT_EVAL_STEPS}",
                 ]
-                cfg = load_config(recipe, [*overrides, *extra])
+                everything = (*overrides, *extra)
+                cfg = load_config(recipe, list(everything))
                 name = point_name(method, value, seed, base_seed)
-                points.append(SweepPoint(method, float(value), seed, name, cfg))
+                points.append(SweepPoint(method, float(value), seed, name, cfg, everything))
     return points
+
+
+def check_saved_configs(points: Sequence[SweepPoint], out: Path) -> None:
+    """Refuse, before anything trains, a finished or resumable run configured differently from
+    what is asked now: reusing it would silently mix two experiments in one result."""
+    for point in points:
+        run_dir = out / point.name
+        if run_state(run_dir) in ("done", "resume"):
+            difference = saved_config_difference(point, run_dir)
+            if difference is not None:
+                raise UserError(
+                    f"{point.name}: the run in {run_dir} was made with another config "
+                    f"({difference}); pass the same --set values, delete that run directory, "
+                    "or choose another --output-dir"
+                )
+
+
+def train_point(
+    point: SweepPoint,
+    run_dir: Path,
+    trainer: Callable[..., Any],
+    *,
+    head: str,
+    progress: bool,
+) -> tuple[dict[str, Any], str]:
+    """(final.json, "reused" | "trained") of one point: reuse, resume, restart or train it.
+
+    ``trainer`` is passed in (``caat_peft.training.train`` in production) so that each caller's
+    module-level ``train`` stays the one tests replace.
+    """
+    state = run_state(run_dir)
+    if state == "done":
+        return json.loads((run_dir / "final.json").read_text()), "reused"
+    verb = {"new": "training", "resume": "resuming", "restart": "restarting"}[state]
+    say(progress, f"{head}: {verb} …")
+    try:
+        result = trainer(
+            point.cfg,
+            run_dir,
+            overwrite=state == "restart",
+            resume=state == "resume",
+            progress=progress,
+        )
+    except UserError as exc:
+        raise UserError(f"{point.name}: {exc}") from None
+    return result.final, "trained"
 
 
 # --------------------------------------------------------------------------------------------
 # Measuring one finished run
 
 
-def _selected(final: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def selected_model(final: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The model a user would keep: the validation-selected one when the run has a val split."""
     best = final.get("best")
     if isinstance(best, dict) and "clean_acc" in best and "robust_acc" in best:
@@ -281,7 +339,7 @@ def _selected(final: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return "last", final
 
 
-class _SplitCache:
+class SplitCache:
     """Test splits by data config: every point of a sweep evaluates on the same images."""
 
     def __init__(self) -> None:
@@ -297,7 +355,7 @@ class _SplitCache:
         return self._cache[key]
 
 
-def _check_autoattack(cfg: Config, budget: Any, splits: _SplitCache) -> None:
+def check_autoattack(cfg: Config, budget: Any, splits: SplitCache) -> None:
     """Fail before training when AutoAttack cannot run on this data (e.g. under 4 classes)."""
     from caat_peft.evaluation import attack_config, resolve_budget
 
@@ -313,31 +371,34 @@ def _check_autoattack(cfg: Config, budget: Any, splits: _SplitCache) -> None:
         raise UserError(f"--eval-attack autoattack: {exc} (or use --eval-attack pgd20)") from None
 
 
-def _autoattack(
-    point: SweepPoint,
+def evaluate_run(
+    cfg: Config,
     run_dir: Path,
     model_kind: str,
-    splits: _SplitCache,
+    splits: SplitCache,
+    dirname: str,
     *,
+    attacks: str | Sequence[str],
+    eps_list: Sequence[float],
     budget: Any,
     sanity: bool,
     progress: bool,
-) -> dict[str, Any]:
-    """AutoAttack at the run's evaluation ε on its held-out split; resumable per sample."""
+) -> tuple[dict[str, Any], Path]:
+    """The evaluation suite on a finished run's selected model (``model_kind``: last | best),
+    on its held-out split, into ``run_dir / dirname`` (resumable per sample): the front's
+    AutoAttack and the study's evaluation at every ε. Returns (eval result, eval.json path)."""
     from caat_peft.evaluation import run_eval
     from caat_peft.models.loading import load_trained
 
-    cfg = point.cfg
     data = splits.get(cfg)
     adapter = run_dir / ("best_adapter" if model_kind == "best" else "adapter")
     model = load_trained(cfg, cfg.model.num_classes or data.num_classes, adapter)
-    eps = cfg.attack.eps if cfg.eval.eps is None else cfg.eval.eps
     result, json_path, _ = run_eval(
         model,
         data.test,
-        run_dir / AUTOATTACK_DIRNAME,
-        attacks="autoattack",
-        eps_list=[eps],
+        run_dir / dirname,
+        attacks=attacks,
+        eps_list=list(eps_list),
         norm=cfg.attack.norm,
         budget=budget,
         limit=cfg.eval.limit,
@@ -345,6 +406,34 @@ def _autoattack(
         seed=0,
         sanity=sanity,
         device="auto",
+        progress=progress,
+    )
+    return result, json_path
+
+
+def _autoattack(
+    point: SweepPoint,
+    run_dir: Path,
+    model_kind: str,
+    splits: SplitCache,
+    *,
+    budget: Any,
+    sanity: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """AutoAttack at the run's evaluation ε on its held-out split; resumable per sample."""
+    cfg = point.cfg
+    eps = cfg.attack.eps if cfg.eval.eps is None else cfg.eval.eps
+    result, json_path = evaluate_run(
+        cfg,
+        run_dir,
+        model_kind,
+        splits,
+        AUTOATTACK_DIRNAME,
+        attacks="autoattack",
+        eps_list=[eps],
+        budget=budget,
+        sanity=sanity,
         progress=progress,
     )
     label = result["eps"][0]["label"]
@@ -363,14 +452,14 @@ def _measure(
     run_dir: Path,
     final: dict[str, Any],
     eval_attack: str,
-    splits: _SplitCache,
+    splits: SplitCache,
     *,
     budget: Any,
     sanity: bool,
     progress: bool,
 ) -> dict[str, Any]:
     """(SA, AA) of one run, with where they came from."""
-    model_kind, scores = _selected(final)
+    model_kind, scores = selected_model(final)
     entry: dict[str, Any] = {
         "seed": point.seed,
         "clean_acc": float(scores["clean_acc"]),
@@ -461,7 +550,7 @@ def summarize_points(
     return body
 
 
-def _attack_title(eval_attack: str, budget: Any) -> str:
+def attack_title(eval_attack: str, budget: Any) -> str:
     if eval_attack == "pgd20":
         return "PGD-20"
     return "AutoAttack" if budget in (None, "standard") else f"AutoAttack, {budget} budget"
@@ -490,7 +579,7 @@ def render_markdown(front: dict[str, Any]) -> str:
         sa = format_ci(p["clean_acc"], p.get("clean_acc_ci"), 4)
         aa = format_ci(p["robust_acc"], p.get("robust_acc_ci"), 4)
         lines.append(
-            f"| {_DISPLAY[method]} | {_SYMBOL[method]} = {_fmt(p[knob])} | {sa} | {aa} | "
+            f"| {DISPLAY[method]} | {SYMBOL[method]} = {fmt(p[knob])} | {sa} | {aa} | "
             f"{'✓' if on else ''} | {p['run_dir']} |"
         )
     hv = front["hypervolume"]
@@ -503,7 +592,7 @@ def render_markdown(front: dict[str, Any]) -> str:
     if difference:
         lines += [
             "",
-            f"**{difference['verdict']}** ({difference['method']}, "
+            f"**{difference['verdict']}** ({difference['interval_method']}, "
             f"{difference['replicates']} resamples.)",
         ]
     elif front.get("complete", True) and "hypervolume_difference" in front:
@@ -529,6 +618,25 @@ def plot_front(front: dict[str, Any], path: str | Path) -> None:
     fig = Figure(figsize=(6.0, 4.8), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    draw_front(ax, front, f"SA–AA front: {Path(front.get('recipe', '')).name}")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Write a PNG atomically: a killed run never leaves half an image."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def draw_front(ax: Any, front: dict[str, Any], title: str) -> None:
+    """Both methods' fronts on one matplotlib axis (front.png's panel; the study's per ε).
+
+    ``front`` needs ``points``, ``hypervolume`` and optionally ``hypervolume_difference`` and
+    ``eval_attack_title``, as :func:`summarize_points` returns them.
+    """
     colours = {"vanilla": "tab:blue", "caat": "tab:red"}
     for method, knob in METHODS.items():
         mine = [p for p in front["points"] if p["method"] == method]
@@ -540,9 +648,7 @@ def plot_front(front: dict[str, Any], path: str | Path) -> None:
         fx = [xy[i][0] for i in on_front]
         fy = [xy[i][1] for i in on_front]
         hv = front["hypervolume"][method]
-        ax.step(
-            fx, fy, where="pre", color=colour, lw=1.8, label=f"{_DISPLAY[method]} (HV {hv:.3f})"
-        )
+        ax.step(fx, fy, where="pre", color=colour, lw=1.8, label=f"{DISPLAY[method]} (HV {hv:.3f})")
         off = [i for i in range(len(mine)) if i not in on_front]
         ax.scatter(fx, fy, color=colour, zorder=3, s=28)
         if off:
@@ -566,7 +672,7 @@ def plot_front(front: dict[str, Any], path: str | Path) -> None:
                     lw=0.8,
                 )
             ax.annotate(
-                f"{_SYMBOL[method]}={_fmt(p[knob])}",
+                f"{SYMBOL[method]}={fmt(p[knob])}",
                 (x, y),
                 textcoords="offset points",
                 xytext=(5, 4),
@@ -575,7 +681,6 @@ def plot_front(front: dict[str, Any], path: str | Path) -> None:
             )
     ax.set_xlabel("SA (clean accuracy)")
     ax.set_ylabel(f"AA ({front.get('eval_attack_title', 'robust')} accuracy)")
-    title = f"SA–AA front: {Path(front.get('recipe', '')).name}"
     difference = front.get("hypervolume_difference")
     if difference:  # the verdict in words, as front.md gives it
         lo, hi = difference["ci"]
@@ -588,11 +693,6 @@ def plot_front(front: dict[str, Any], path: str | Path) -> None:
     ax.grid(alpha=0.3)
     if front["points"]:
         ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
 
 
 def _write_reports(front: dict[str, Any], out: Path, *, plot: bool) -> None:
@@ -606,10 +706,31 @@ def _write_reports(front: dict[str, Any], out: Path, *, plot: bool) -> None:
 # The sweep
 
 
-def _say(enabled: bool, message: str) -> None:
+def say(enabled: bool, message: str) -> None:
     """Progress on stderr, so that stdout keeps only the results table."""
     if enabled:
         print(message, file=sys.stderr, flush=True)
+
+
+def _check_front_options(
+    lambdas: Sequence[float], gammas: Sequence[float], eval_attack: str, budget: Any, out: Path
+) -> tuple[list[float], list[float]]:
+    """The sweep values checked, and everything else a user can get wrong before planning."""
+    if eval_attack not in EVAL_ATTACKS:
+        raise UserError(
+            f"--eval-attack {eval_attack!r} is not supported (use one of: {', '.join(EVAL_ATTACKS)})"
+        )
+    lambdas = check_values(lambdas, "--lambdas") if len(lambdas) else []
+    gammas = check_values(gammas, "--gammas") if len(gammas) else []
+    if not lambdas and not gammas:
+        raise UserError("give --lambdas or --gammas (or both): the sweep has no points")
+    if eval_attack == "autoattack":
+        from caat_peft.evaluation import resolve_budget
+
+        resolve_budget(budget)  # a bad budget fails now, not after the first training run
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output directory {out} is a file (choose another --output-dir)")
+    return lambdas, gammas
 
 
 def run_front(
@@ -634,38 +755,13 @@ def run_front(
     ``sanity=False``). Each run's validation-selected model is used when it has a val split.
     Returns the content of ``front.json``.
     """
-    if eval_attack not in EVAL_ATTACKS:
-        raise UserError(
-            f"--eval-attack {eval_attack!r} is not supported (use one of: {', '.join(EVAL_ATTACKS)})"
-        )
-    lambdas = check_values(lambdas, "--lambdas") if len(lambdas) else []
-    gammas = check_values(gammas, "--gammas") if len(gammas) else []
-    if not lambdas and not gammas:
-        raise UserError("give --lambdas or --gammas (or both): the sweep has no points")
-    if eval_attack == "autoattack":
-        from caat_peft.evaluation import resolve_budget
-
-        resolve_budget(budget)  # a bad budget fails now, not after the first training run
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output directory {out} is a file (choose another --output-dir)")
-
+    lambdas, gammas = _check_front_options(lambdas, gammas, eval_attack, budget, out)
     points = plan_sweep(recipe, lambdas=lambdas, gammas=gammas, overrides=overrides, seeds=seeds)
-    # A finished or resumable run configured differently would silently mix two experiments.
-    for point in points:
-        run_dir = out / point.name
-        if _run_state(run_dir) in ("done", "resume"):
-            difference = _saved_config_difference(point, run_dir)
-            if difference is not None:
-                raise UserError(
-                    f"{point.name}: the run in {run_dir} was made with another config "
-                    f"({difference}); pass the same --set values, delete that run directory, "
-                    "or choose another --output-dir"
-                )
-    splits = _SplitCache()
+    check_saved_configs(points, out)
+    splits = SplitCache()
     if eval_attack == "autoattack":
-        _check_autoattack(points[0].cfg, budget, splits)
-
+        check_autoattack(points[0].cfg, budget, splits)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -676,64 +772,50 @@ def run_front(
         "recipe": str(recipe),
         "overrides": list(overrides),
         "eval_attack": eval_attack,
-        "eval_attack_title": _attack_title(eval_attack, budget),
+        "eval_attack_title": attack_title(eval_attack, budget),
         "seeds": list(dict.fromkeys(p.seed for p in points)),
     }
     if eval_attack == "autoattack":
         front["budget"] = budget if isinstance(budget, str) else repr(budget)
     entries: dict[tuple[str, float], list[dict[str, Any]]] = {}
     images: dict[tuple[str, float], dict[int, tuple]] = {}
+    measure = {"budget": budget, "sanity": sanity, "progress": progress}
     for number, point in enumerate(points, 1):
-        run_dir = out / point.name
-        state = _run_state(run_dir)
         head = (
             f"[{number}/{len(points)}] {point.name} "
-            f"({_SYMBOL[point.method]} = {_fmt(point.value)}, seed {point.seed})"
+            f"({SYMBOL[point.method]} = {fmt(point.value)}, seed {point.seed})"
         )
-        start = time.perf_counter()
-        if state == "done":
-            final = json.loads((run_dir / "final.json").read_text())
-            what = "reused"
-        else:
-            verb = {"new": "training", "resume": "resuming", "restart": "restarting"}[state]
-            _say(progress, f"{head}: {verb} …")
-            try:
-                result = train(
-                    point.cfg,
-                    run_dir,
-                    overwrite=state == "restart",
-                    resume=state == "resume",
-                    progress=progress,
-                )
-            except UserError as exc:
-                raise UserError(f"{point.name}: {exc}") from None
-            final = result.final
-            what = "trained"
-        entry = _measure(
-            point,
-            run_dir,
-            final,
-            eval_attack,
-            splits,
-            budget=budget,
-            sanity=sanity,
-            progress=progress,
-        )
+        entry, scored = _front_point(point, out, eval_attack, splits, head, measure)
         entries.setdefault((point.method, point.value), []).append(entry)
-        scored = point_images(run_dir, entry["model"], eval_attack)
         if scored is not None:
             images.setdefault((point.method, point.value), {})[point.seed] = scored
-        seconds = time.perf_counter() - start
-        _say(
-            progress,
-            f"{head}: {what}, SA {entry['clean_acc']:.4f}, AA {entry['robust_acc']:.4f} "
-            f"({seconds:.1f} s)",
-        )
         done = number == len(points)
-        body = summarize_points(entries, images if done else None, front["seeds"])
-        front.update(body, complete=done)
-        _write_reports(front, out, plot=number == len(points))
+        front.update(summarize_points(entries, images if done else None, front["seeds"]))
+        front["complete"] = done
+        _write_reports(front, out, plot=done)
     return front
+
+
+def _front_point(
+    point: SweepPoint,
+    out: Path,
+    eval_attack: str,
+    splits: SplitCache,
+    head: str,
+    measure: dict[str, Any],
+) -> tuple[dict[str, Any], tuple | None]:
+    """Train (or reuse) and measure one point: (its entry, its per-image results or None)."""
+    run_dir = out / point.name
+    start = time.perf_counter()
+    final, what = train_point(point, run_dir, train, head=head, progress=measure["progress"])
+    entry = _measure(point, run_dir, final, eval_attack, splits, **measure)
+    scored = point_images(run_dir, entry["model"], eval_attack)
+    say(
+        measure["progress"],
+        f"{head}: {what}, SA {entry['clean_acc']:.4f}, AA {entry['robust_acc']:.4f} "
+        f"({time.perf_counter() - start:.1f} s)",
+    )
+    return entry, scored
 
 
 # --------------------------------------------------------------------------------------------

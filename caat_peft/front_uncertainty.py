@@ -111,7 +111,7 @@ def hypervolume_difference(
         "caat_minus_vanilla": observed,
         "ci": ci,
         "confidence": confidence,
-        "method": PAIRED_BOOTSTRAP_SEEDS if k_seeds > 1 else PAIRED_BOOTSTRAP,
+        "interval_method": PAIRED_BOOTSTRAP_SEEDS if k_seeds > 1 else PAIRED_BOOTSTRAP,
         "replicates": replicates,
         "n_images": n,
         "n_seeds": k_seeds,

@@ -10,6 +10,8 @@ functions here are the few the reports need, each stating its method so that a r
 - :func:`mcnemar_exact`: exact McNemar test of two models on the same images.
 - :func:`paired_difference`: accuracy difference of two models on the same images, with a
   bootstrap interval over images (and over seeds when several runs per side are paired by seed).
+- :func:`paired_contrast`: any weighted sum of such accuracies (a difference of differences),
+  bootstrapped the same way; :func:`paired_difference` is its two-term case.
 - :func:`bootstrap_weights`: the image resampling that fronts share across all their points.
 
 All resampling uses a fixed generator seed: the same inputs always print the same interval.
@@ -144,6 +146,44 @@ def bootstrap_statistic(
     return np.concatenate(values)
 
 
+def paired_contrast(
+    terms: Sequence[tuple[float, Sequence[Sequence[int]] | np.ndarray]],
+    *,
+    replicates: int = REPLICATES,
+    confidence: float = CONFIDENCE,
+) -> dict[str, object]:
+    """Σ wᵢ·accuracyᵢ over runs scored on the same images, with a paired bootstrap interval.
+
+    Each term is (weight, seeds × images 0/1 array); row k of every array is the same training
+    seed. ``[(1, a), (-1, b)]`` is the accuracy difference a − b; four terms make a difference
+    of differences (does a gap move?). The images are resampled once for every term (they share
+    the images) and, with several seeds, the seeds too (a drawn seed counts for every term):
+    this is the one implementation behind :func:`paired_difference` as well.
+    """
+    arrays = [np.asarray(a, dtype=np.float64) for _, a in terms]
+    if not arrays or any(a.ndim != 2 or a.shape != arrays[0].shape for a in arrays):
+        shapes = ", ".join(str(a.shape) for a in arrays)
+        raise ValueError(f"need equal (seeds × images) 0/1 arrays, one per term; got {shapes}")
+    combined = sum(float(w) * a for (w, _), a in zip(terms, arrays))
+    k, n = combined.shape
+    if n == 0:
+        raise ValueError("need equal (seeds × images) 0/1 arrays with at least one image")
+
+    def statistic(weights: np.ndarray, seed_counts: np.ndarray) -> np.ndarray:
+        per_seed = weights @ combined.T / n  # replicates × seeds
+        return (per_seed * seed_counts).sum(axis=1) / k
+
+    samples = bootstrap_statistic(statistic, n, k, replicates=replicates)
+    return {
+        "value": float(combined.mean()),
+        "ci": list(percentile_interval(samples, confidence)),
+        "confidence": confidence,
+        "interval_method": PAIRED_BOOTSTRAP if k == 1 else PAIRED_BOOTSTRAP_SEEDS,
+        "n_images": n,
+        "n_seeds": k,
+    }
+
+
 def paired_difference(
     correct_a: Sequence[Sequence[int]],
     correct_b: Sequence[Sequence[int]],
@@ -155,38 +195,38 @@ def paired_difference(
 
     Returns the difference (mean over seeds), its percentile-bootstrap interval resampling the
     images (the same resample for every seed: they share the images) and, with several seeds,
-    the seeds too; and the exact McNemar p-value pooled over seeds (the disagreements of every
-    seed pair, each a fair coin under the null). A model against itself gives exactly [0, 0].
+    the seeds too (:func:`paired_contrast` of the two terms); and the exact McNemar p-value
+    pooled over seeds (the disagreements of every seed pair, each a fair coin under the null).
+    A model against itself gives exactly [0, 0].
     """
     a = np.asarray(correct_a, dtype=np.float64)
     b = np.asarray(correct_b, dtype=np.float64)
     if a.ndim != 2 or a.shape != b.shape or a.shape[1] == 0:
         raise ValueError(f"need two equal (seeds × images) 0/1 arrays; got {a.shape}, {b.shape}")
-    k, n = a.shape
+    contrast = paired_contrast([(1.0, a), (-1.0, b)], replicates=replicates, confidence=confidence)
+    k = contrast["n_seeds"]
     gain = a - b  # per seed and image: +1 only A right, -1 only B right
     only_a = int((gain > 0).sum())
     only_b = int((gain < 0).sum())
-
-    def statistic(weights: np.ndarray, seed_counts: np.ndarray) -> np.ndarray:
-        per_seed = weights @ gain.T / n  # replicates × seeds
-        return (per_seed * seed_counts).sum(axis=1) / k
-
-    samples = bootstrap_statistic(statistic, n, k, replicates=replicates)
     return {
-        "difference": float(gain.mean()),
-        "ci": list(percentile_interval(samples, confidence)),
+        "difference": contrast["value"],
+        "ci": contrast["ci"],
         "p_value": mcnemar_exact(only_a, only_b),
         "only_a": only_a,
         "only_b": only_b,
-        "n_images": n,
+        "n_images": contrast["n_images"],
         "n_seeds": k,
-        "method": PAIRED_BOOTSTRAP if k == 1 else PAIRED_BOOTSTRAP_SEEDS,
+        "method": contrast["interval_method"],
         "test": "exact McNemar" + (" pooled over seeds" if k > 1 else ""),
     }
 
 
-def format_ci(value: float, ci: Sequence[float] | None, digits: int = 3) -> str:
-    """``0.452 [0.421, 0.483]``: a figure with its interval, as the reports print it."""
+def format_ci(
+    value: float, ci: Sequence[float] | None, digits: int = 3, *, signed: bool = False
+) -> str:
+    """``0.452 [0.421, 0.483]``: a figure with its interval, as the reports print it
+    (``signed``: ``+0.012 [-0.004, +0.028]``, for differences)."""
+    spec = f"{'+' if signed else ''}.{digits}f"
     if not ci:
-        return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+        return f"{value:{spec}}"
+    return f"{value:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]"

@@ -237,7 +237,10 @@ def test_front_json_layout_and_values(tmp_path, monkeypatch):
     hv = on_disk["hypervolume"]
     assert difference["caat_minus_vanilla"] == pytest.approx(hv["caat"] - hv["vanilla"])
     assert difference["ci"][0] <= difference["caat_minus_vanilla"] <= difference["ci"][1]
-    assert difference["n_images"] == 100 and difference["method"] == "paired bootstrap over images"
+    assert (
+        difference["n_images"] == 100
+        and difference["interval_method"] == "paired bootstrap over images"
+    )
     for p in on_disk["points"]:
         lo, hi = p["robust_acc_ci"]
         assert lo < p["robust_acc"] < hi and p["interval_method"].startswith("Wilson")
@@ -294,7 +297,7 @@ def test_seeds_are_averaged_and_kept(tmp_path, monkeypatch):
     assert len(result["hypervolume_per_seed"]["caat"]) == 2
     assert van["interval_method"] == "Student t interval over seeds"
     difference = result["hypervolume_difference"]
-    assert difference["n_seeds"] == 2 and difference["method"].endswith("images and seeds")
+    assert difference["n_seeds"] == 2 and difference["interval_method"].endswith("images and seeds")
 
 
 def test_validation_selected_model_is_used(tmp_path, monkeypatch):
