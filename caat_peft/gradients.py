@@ -234,9 +234,9 @@ def combine_vanilla(
     if not stats["finite"]:
         return _zeros_like(g_clean), stats
     scale_a, scale_c = 1.0, 1.0
-    if normalize:
-        norm_a, norm_c = torch.tensor([stats["norm_adv"], stats["norm_clean"]], dtype=torch.float64)
-        scale_a, scale_c = float(_unit_scale(norm_a)), float(_unit_scale(norm_c))
+    if normalize:  # 1/‖g‖ of the whole gradients (0 for a zero one), from the stats' norms
+        scale_a = 1.0 / stats["norm_adv"] if stats["norm_adv"] > 0 else 0.0
+        scale_c = 1.0 / stats["norm_clean"] if stats["norm_clean"] > 0 else 0.0
     if lam == 0.0 and not normalize:
         update = [g.clone() for g in g_clean]
     elif lam == 1.0 and not normalize:

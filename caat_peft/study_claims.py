@@ -24,7 +24,7 @@ would give (0.05 × cells).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -124,6 +124,17 @@ def _array(
 ) -> np.ndarray:
     """seeds × images 0/1 correctness of one cell under one attack × ε (or clean)."""
     return np.asarray([scored[by_seed[s]["name"]].results[key] for s in seeds], dtype=float)
+
+
+def _paired_cells(grid: dict[str, Any], cells: Cells) -> Iterator[tuple[Any, ...]]:
+    """(training ε, its label, γ, λ, CA-AT cell, vanilla cell, common seeds) of every compared
+    pair at every training ε where both methods have runs with the same seeds."""
+    for eps, label in zip(grid["train_eps"], grid["train_eps_labels"]):
+        for gamma, lam in _pairs(grid):
+            a, b = cells.get(("caat", gamma, eps)), cells.get(("vanilla", lam, eps))
+            seeds = _common_seeds(a, b)
+            if seeds:
+                yield eps, label, gamma, lam, a, b, seeds
 
 
 def _common_seeds(*cells: dict[int, Any] | None) -> list[int]:
@@ -581,23 +592,16 @@ def _differences(
 ) -> list[dict[str, Any]]:
     """CA-AT γ − vanilla AT λ at every training ε and column, paired by image and seed."""
     rows = []
-    for eps, label in zip(grid["train_eps"], grid["train_eps_labels"]):
-        for gamma, lam in _pairs(grid):
-            a, b = cells.get(("caat", gamma, eps)), cells.get(("vanilla", lam, eps))
-            seeds = _common_seeds(a, b)
-            if not seeds:
-                continue
-            for column in columns:
-                key = _key(column, attack)
-                diff = paired_difference(
-                    _array(a, scored, seeds, key), _array(b, scored, seeds, key)
-                )
-                diff["interval_method"] = diff.pop("method")
-                said = _said(diff["ci"], "CA-AT higher", "vanilla AT higher", diff["n_images"])
-                rows.append(
-                    {"train_eps": eps, "label": label, "gamma": gamma, "lam": lam}
-                    | {"column": column, **diff, "verdict": said}
-                )
+    for eps, label, gamma, lam, a, b, seeds in _paired_cells(grid, cells):
+        for column in columns:
+            key = _key(column, attack)
+            diff = paired_difference(_array(a, scored, seeds, key), _array(b, scored, seeds, key))
+            diff["interval_method"] = diff.pop("method")
+            said = _said(diff["ci"], "CA-AT higher", "vanilla AT higher", diff["n_images"])
+            rows.append(
+                {"train_eps": eps, "label": label, "gamma": gamma, "lam": lam}
+                | {"column": column, **diff, "verdict": said}
+            )
     return rows
 
 
@@ -639,19 +643,14 @@ def _widening_eval(
     if len(labels) < 2:
         return []
     rows = []
-    for eps, label in zip(grid["train_eps"], grid["train_eps_labels"]):
-        for gamma, lam in _pairs(grid):
-            a, b = cells.get(("caat", gamma, eps)), cells.get(("vanilla", lam, eps))
-            seeds = _common_seeds(a, b)
-            if not seeds:
-                continue
-            change = _gap_change(
-                (a, b, (attack, labels[0])), (a, b, (attack, labels[-1])), scored, seeds
-            )
-            rows.append(
-                {"train_eps": eps, "label": label, "gamma": gamma, "lam": lam}
-                | {"from": labels[0], "to": labels[-1], **change}
-            )
+    for eps, label, gamma, lam, a, b, seeds in _paired_cells(grid, cells):
+        change = _gap_change(
+            (a, b, (attack, labels[0])), (a, b, (attack, labels[-1])), scored, seeds
+        )
+        rows.append(
+            {"train_eps": eps, "label": label, "gamma": gamma, "lam": lam}
+            | {"from": labels[0], "to": labels[-1], **change}
+        )
     return rows
 
 
