@@ -200,3 +200,27 @@ def test_micro_batch_gradients_are_over_trainable_parameters_only():
     g_c, g_a, _ = micro_batch_gradients(model, params, objective, batch, clean_only=False)
     assert len(g_c) == len(g_a) == len(params)
     assert all(p.grad is None for p in [*params, *frozen])  # autograd.grad, nothing accumulated
+
+
+def test_run_state_round_trips_through_its_state_dict():
+    from caat_peft.training.trainer import RunState
+
+    state = RunState(normalized=True)
+    state.step, state.epoch, state.step_in_epoch, state.skipped = 17, 3, 2, 1
+    state.best = {"epoch": 2, "val_robust_acc": 0.5, "weights": [torch.ones(2)]}
+    state.epochs_since_best = 1
+    state.stall.update({"norm_clean": 1.0, "norm_update": 0.0, "norm_adv": 0.0})
+    saved = state.state_dict()
+    assert "weights" not in saved["best"] and saved["stalled"] == 1
+
+    restored = RunState(normalized=True)
+    restored.load_state_dict(saved)
+    assert (restored.step, restored.epoch, restored.step_in_epoch, restored.skipped) == (
+        17,
+        3,
+        2,
+        1,
+    )
+    assert restored.best["val_robust_acc"] == 0.5 and restored.epochs_since_best == 1
+    assert torch.equal(restored.best["weights"][0], torch.ones(2))
+    assert restored.stall.stalled == 1 and restored.stall.normalized

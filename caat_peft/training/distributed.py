@@ -2,8 +2,11 @@
 
 CA-AT is non-linear in (g_c, g_a), so the *global* gradients must be formed before combining:
 every rank averages both gradients (and the logged scalars) with all-reduces over flat buffers,
-then runs the same combiner on the same numbers. The model is never wrapped in DDP: the attack's
-input-only gradients and ``torch.autograd.grad`` would bypass or confuse its reducer.
+then runs the same combiner on the same numbers. ``caat-peft train`` never wraps the model in
+DDP (the attack's input-only gradients and ``torch.autograd.grad`` would bypass or confuse its
+reducer), and ``ConflictAware`` switches a DDP-wrapped model's own synchronisation off. The
+collectives go through accelerate when there is an Accelerator, else through the initialised
+``torch.distributed`` group.
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ def _buckets(tensors: list[Tensor], limit: int) -> list[list[int]]:
 
 
 def all_reduce_mean(
-    tensors: list[Tensor], accelerator: Accelerator, limit: int = BUCKET_ELEMENTS
+    tensors: list[Tensor], accelerator: Accelerator | None, limit: int = BUCKET_ELEMENTS
 ) -> list[Tensor]:
-    """Average ``tensors`` over processes, one collective per bucket of flat tensors."""
+    """Average ``tensors`` over processes, one collective per bucket of flat tensors (through
+    ``accelerator``, or the initialised ``torch.distributed`` group when it is None)."""
     out: list[Tensor] = list(tensors)
     for bucket in _buckets(tensors, limit):
         flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
-        flat = accelerator.reduce(flat, reduction="mean")
+        flat = _mean_over_processes(flat, accelerator)
         offset = 0
         for i in bucket:
             n = tensors[i].numel()
@@ -49,11 +53,20 @@ def all_reduce_mean(
     return out
 
 
-def make_reducer(accelerator: Accelerator) -> Reducer:
-    """``reduce(g_c, g_a, scalars) -> (g_c, g_a, scalars)``, all averaged over processes."""
-    if accelerator.num_processes == 1:
-        return lambda g_c, g_a, scalars: (g_c, g_a, scalars)
+def _mean_over_processes(flat: Tensor, accelerator: Accelerator | None) -> Tensor:
+    if accelerator is not None:
+        return accelerator.reduce(flat, reduction="mean")
+    import torch.distributed as dist
 
+    dist.all_reduce(flat)
+    return flat / dist.get_world_size()
+
+
+def _identity(g_c: list[Tensor], g_a: list[Tensor], scalars: Tensor):
+    return g_c, g_a, scalars
+
+
+def _reducer(accelerator: Accelerator | None) -> Reducer:
     def reduce(g_c: list[Tensor], g_a: list[Tensor], scalars: Tensor):
         dtype = g_c[0].dtype
         reduced = all_reduce_mean([*g_c, *g_a, scalars.to(dtype)], accelerator)
@@ -61,6 +74,20 @@ def make_reducer(accelerator: Accelerator) -> Reducer:
         return reduced[:n_c], reduced[n_c : n_c + n_a], reduced[-1]
 
     return reduce
+
+
+def make_reducer(accelerator: Accelerator) -> Reducer:
+    """``reduce(g_c, g_a, scalars) -> (g_c, g_a, scalars)``, all averaged over processes."""
+    return _identity if accelerator.num_processes == 1 else _reducer(accelerator)
+
+
+def process_group_reducer() -> Reducer:
+    """The same over the initialised ``torch.distributed`` group (a plain ``torchrun`` loop
+    without accelerate); the identity in a single process."""
+    import torch.distributed as dist
+
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return _reducer(None) if several else _identity
 
 
 @torch.no_grad()

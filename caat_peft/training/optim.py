@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from caat_peft.config import TrainConfig
 
@@ -114,8 +114,3 @@ class LossScaler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale, self._good_steps = float(state["scale"]), int(state["good_steps"])
-
-
-def unscale_(grads: list[Tensor], scale: float) -> None:
-    if scale != 1.0:
-        torch._foreach_mul_(grads, 1.0 / scale)

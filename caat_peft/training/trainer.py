@@ -361,31 +361,140 @@ def _flat_hparams(cfg: Config) -> dict[str, Any]:
     return flat
 
 
-class _Run:
-    """State of one training run, so that the loop below reads top to bottom."""
+class RunState:
+    """Where a run stands: the loop position, the counters and the best model so far, which a
+    checkpoint saves (:meth:`state_dict`) and a resumed run restores (:meth:`load_state_dict`).
+    """
 
-    def __init__(
-        self, cfg: Config, output_dir: Path, accelerator: Accelerator, model: nn.Module
-    ) -> None:
-        self.cfg, self.output_dir, self.accelerator, self.model = (
-            cfg,
-            output_dir,
-            accelerator,
-            model,
-        )
+    COUNTERS = ("step", "epoch", "step_in_epoch", "skipped", "consecutive_nonfinite")
+
+    def __init__(self, *, normalized: bool) -> None:
         self.step = 0  # optimiser steps taken
-        self.samples: dict[str, dict[str, Any]] = {}  # final evaluations, per image
         self.epoch = 1  # the epoch in progress
         self.step_in_epoch = 0
-        self.skipped = 0
+        self.skipped = 0  # steps with non-finite losses or gradients, not applied
         self.consecutive_nonfinite = 0
-        self.best: dict[str, Any] = {}
+        self.best: dict[str, Any] = {}  # the best epoch on the validation split, with weights
         self.epochs_since_best = 0
-        self.last_eval: dict[str, float] = {}
-        self.stopped_early = False
-        self.skipped_files: dict[str, int] = {}  # per split, entries left out (bad_files=skip)
         # steps whose update vanished (L_adv ≈ 0 under CA-AT)
-        self.stall = StallMonitor(normalized=cfg.combiner.normalize)
+        self.stall = StallMonitor(normalized=normalized)
+        # Not checkpointed: what this process has seen since it started.
+        self.stopped_early = False
+        self.last_eval: dict[str, Any] = {}
+        self.samples: dict[str, dict[str, Any]] = {}  # final evaluations, per image
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {key: getattr(self, key) for key in self.COUNTERS}
+        state.update(
+            best={k: v for k, v in self.best.items() if k != "weights"},
+            best_weights=self.best.get("weights"),
+            epochs_since_best=self.epochs_since_best,
+            stalled=self.stall.stalled,
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in self.COUNTERS:
+            setattr(self, key, state[key])
+        self.best, self.epochs_since_best = state["best"], state["epochs_since_best"]
+        if self.best:
+            self.best["weights"] = state["best_weights"]
+        self.stall = StallMonitor(state.get("stalled", 0), normalized=self.stall.normalized)
+
+
+@dataclass
+class _Run:
+    """One training run: what :func:`_prepare` built, and its :class:`RunState`."""
+
+    cfg: Config
+    output_dir: Path
+    accelerator: Accelerator
+    model: PixelClassifier
+    named: list[tuple[str, nn.Parameter]]
+    splits: Any
+    sampler: GlobalBatchSampler
+    train_loader: DataLoader
+    steps_per_epoch: int
+    micro_global: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: ParameterEMA | None
+    scaler: LossScaler | None
+    objective: Any
+    combiner: Any
+    reduce: Any
+    clean_only: bool
+    state: RunState
+    skipped_files: dict[str, int] = dataclasses.field(default_factory=dict)  # bad_files=skip
+    log: MetricsLog | None = None
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        # The same stratified images for every run of a comparison (seed fixed, not train.seed).
+        self.test_set, self.test_subset = limited(
+            self.splits.test, self.cfg.eval.limit, SUBSET_SEED
+        )
+        self.eval_eps = self.cfg.attack.eps if self.cfg.eval.eps is None else self.cfg.eval.eps
+        self.eval_alpha = self.eval_eps / 4 if self.cfg.eval.alpha is None else self.cfg.eval.alpha
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named]
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.train.epochs
+
+    def evaluate(self, dataset: Dataset, steps: int, seed_offset: int) -> dict[str, Any]:
+        return evaluate(
+            self.model,
+            dataset,
+            self.accelerator,
+            eps=self.eval_eps,
+            alpha=self.eval_alpha,
+            steps=steps,
+            norm=self.cfg.attack.norm,
+            seed=self.cfg.train.seed + seed_offset,
+            batch_size=self.cfg.eval.batch_size,
+            num_workers=self.cfg.data.num_workers,
+        )
+
+    def write_row(self, row: dict[str, Any]) -> None:
+        layers = row.pop("layers", None)
+        self.log.write(row)
+        if layers is not None:
+            self.log.write({"type": "layers", "step": row["step"], "cos": layers})
+        if self.cfg.train.log_with:
+            self.accelerator.log(tracker_scalars(row), step=row["step"])
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "metrics_offset": self.log.offset,
+            **self.state.state_dict(),
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def restore(self, checkpoint: Path) -> int:
+        """Load a checkpoint into the run; returns where metrics.jsonl continues."""
+        state = load_checkpoint(checkpoint, self.named, self.accelerator.process_index)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.state.load_state_dict(state)
+        return state["metrics_offset"]
 
 
 def train(
@@ -419,22 +528,41 @@ def train_stage(
     progress: bool = True,
     head_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """One training run into ``output_dir``; ``head_state`` (the first stage's head under
-    ``train.init_head``) replaces the new head before the PEFT method is attached."""
+    """One training run into ``output_dir``: prepare, loop, finish. ``head_state`` (the first
+    stage's head under ``train.init_head``) replaces the new head before the PEFT method is
+    attached."""
     output_dir = Path(output_dir)
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other (pick one)")
     accelerator = make_accelerator(cfg, output_dir)
-    is_main, world, rank = (
-        accelerator.is_main_process,
-        accelerator.num_processes,
-        accelerator.process_index,
-    )
     checkpoint = _resume_point(cfg, output_dir) if resume else None
-    if is_main and not resume:
+    if accelerator.is_main_process and not resume:
         ignore = (HEAD_INIT_DIR,) if cfg.train.init_head != "none" else ()
         check_output_dir(output_dir, overwrite, ignore)
+    run = _prepare(cfg, output_dir, accelerator, head_state)
+    metrics_offset = 0 if resume else None  # resuming with no checkpoint yet: start afresh
+    if checkpoint is not None:
+        metrics_offset = run.restore(checkpoint)
+    _open_outputs(
+        run,
+        fresh=checkpoint is None,
+        overwrite=overwrite and not resume,
+        metrics_offset=metrics_offset,
+    )
+    _loop(run, progress)
+    return _finish_run(run)
+
+
+def _prepare(
+    cfg: Config,
+    output_dir: Path,
+    accelerator: Accelerator,
+    head_state: dict[str, torch.Tensor] | None,
+) -> _Run:
+    """Data, model, optimiser and the step's parts. Every user-caused failure happens here,
+    before the run directory exists."""
     tc = cfg.train
+    world, rank = accelerator.num_processes, accelerator.process_index
     micro_global = tc.batch_size // tc.grad_accum_steps
     if micro_global % world:
         raise UserError(
@@ -442,227 +570,209 @@ def train_stage(
             f"the number of processes ({world}); train.batch_size is the global batch"
         )
     set_seed(tc.seed)
+    splits = build_splits(cfg.data, preprocessing_for_config(cfg.model))
+    model, named = _build_model(cfg, splits, accelerator, head_state)
+    if len(splits.train) < tc.batch_size:
+        raise UserError(
+            f"train.batch_size = {tc.batch_size} is larger than the training set "
+            f"({len(splits.train)} images); lower it"
+        )
+    sampler = GlobalBatchSampler(len(splits.train), micro_global, rank, world, tc.seed)
+    steps_per_epoch = (len(splits.train) // micro_global) // tc.grad_accum_steps
+    if steps_per_epoch == 0:
+        raise UserError("the training set is smaller than one global batch; lower train.batch_size")
+    optimizer = make_optimizer(named, tc)
+    c = cfg.combiner
+    run = _Run(
+        cfg=cfg,
+        output_dir=output_dir,
+        accelerator=accelerator,
+        model=model,
+        named=named,
+        splits=splits,
+        sampler=sampler,
+        train_loader=_loader(splits.train, cfg.data.num_workers, batch_sampler=sampler),
+        steps_per_epoch=steps_per_epoch,
+        micro_global=micro_global,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, tc, steps_per_epoch * tc.epochs),
+        ema=ParameterEMA([p for _, p in named], tc.ema_decay) if tc.ema_decay else None,
+        scaler=LossScaler() if tc.precision == "fp16" else None,
+        objective=build_objective(cfg.objective.kind, cfg.attack),
+        combiner=make_combiner(
+            c.kind, lam=c.lam, gamma=c.gamma, granularity=c.granularity, normalize=c.normalize
+        ),
+        reduce=make_reducer(accelerator),
+        clean_only=not _uses_adversarial_gradient(cfg),
+        state=RunState(normalized=c.normalize),
+    )
+    for entry in splits.skipped:
+        run.skipped_files[entry.split] = run.skipped_files.get(entry.split, 0) + 1
+    return run
 
-    # Data and model: every user-caused failure happens here, before the run directory exists.
-    preprocessing = preprocessing_for_config(cfg.model)
-    splits = build_splits(cfg.data, preprocessing)
+
+def _build_model(
+    cfg: Config, splits: Any, accelerator: Accelerator, head_state: dict[str, torch.Tensor] | None
+) -> tuple[PixelClassifier, list[tuple[str, nn.Parameter]]]:
+    """The classifier with its PEFT modules on the device, the same on every process, and its
+    trainable parameters."""
     num_classes = cfg.model.num_classes or splits.num_classes
     if num_classes < splits.num_classes:
         raise UserError(
             f"model.num_classes = {num_classes} is below the data's {splits.num_classes} classes "
             "(raise it, or leave it null to follow the data)"
         )
-    if tc.compile:
+    if cfg.train.compile:
         check_can_compile(accelerator.device)
-    with seeded_init(tc.seed):  # so that `caat-peft eval` rebuilds the same untrained weights
+    with seeded_init(
+        cfg.train.seed
+    ):  # so that `caat-peft eval` rebuilds the same untrained weights
         model = build_classifier(cfg.model, cfg.peft, num_classes, head_state=head_state)
     model = model.to(accelerator.device)
     _check_model_fits_data(model, splits.train, accelerator.device)
     broadcast_parameters(model, accelerator)
-    prepare_model(model, precision=tc.precision, compile=tc.compile)  # after the fit check
+    prepare_model(
+        model, precision=cfg.train.precision, compile=cfg.train.compile
+    )  # after the fit check
     named = trainable_parameters(model)
     if not named:
         raise UserError("no trainable parameters: check peft.method and peft.target_modules")
-    params = [p for _, p in named]
-    if len(splits.train) < tc.batch_size:
-        raise UserError(
-            f"train.batch_size = {tc.batch_size} is larger than the training set "
-            f"({len(splits.train)} images); lower it"
-        )
+    return model, named
 
-    sampler = GlobalBatchSampler(len(splits.train), micro_global, rank, world, tc.seed)
-    train_loader = _loader(splits.train, cfg.data.num_workers, batch_sampler=sampler)
-    steps_per_epoch = (len(splits.train) // micro_global) // tc.grad_accum_steps
-    if steps_per_epoch == 0:
-        raise UserError("the training set is smaller than one global batch; lower train.batch_size")
-    # The same stratified images for every run of a comparison (seed fixed, not train.seed).
-    test_set, test_subset = limited(splits.test, cfg.eval.limit, SUBSET_SEED)
 
-    optimizer = make_optimizer(named, tc)
-    total_steps = steps_per_epoch * tc.epochs
-    scheduler = make_scheduler(optimizer, tc, total_steps)
-    ema = ParameterEMA(params, tc.ema_decay) if tc.ema_decay else None
-    scaler = LossScaler() if tc.precision == "fp16" else None
-    objective = build_objective(cfg.objective.kind, cfg.attack)
-    c = cfg.combiner
-    combiner = make_combiner(
-        c.kind, lam=c.lam, gamma=c.gamma, granularity=c.granularity, normalize=c.normalize
-    )
-    reduce = make_reducer(accelerator)
-    clean_only = not _uses_adversarial_gradient(cfg)
-    eval_eps = cfg.attack.eps if cfg.eval.eps is None else cfg.eval.eps
-    eval_alpha = eval_eps / 4 if cfg.eval.alpha is None else cfg.eval.alpha
-
-    run = _Run(cfg, output_dir, accelerator, model)
-    for entry in splits.skipped:
-        run.skipped_files[entry.split] = run.skipped_files.get(entry.split, 0) + 1
-    metrics_offset = 0 if resume else None  # resuming with no checkpoint yet: start afresh
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, named, rank)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        if scaler is not None:
-            scaler.load_state_dict(state["scaler"])
-        for key in ("step", "epoch", "step_in_epoch", "skipped", "consecutive_nonfinite"):
-            setattr(run, key, state[key])
-        run.best, run.epochs_since_best = state["best"], state["epochs_since_best"]
-        run.stall = StallMonitor(state.get("stalled", 0), normalized=cfg.combiner.normalize)
-        if run.best:
-            run.best["weights"] = state["best_weights"]
-        metrics_offset = state["metrics_offset"]
-
-    if is_main:
-        if checkpoint is None:
+def _open_outputs(run: _Run, *, fresh: bool, overwrite: bool, metrics_offset: int | None) -> None:
+    """Create the run directory (a new run), open metrics.jsonl and the trackers."""
+    cfg, output_dir = run.cfg, run.output_dir
+    if run.is_main:
+        if fresh:
             needed = space_needed(
-                sum(p.numel() * p.element_size() for p in params),
-                tc.keep_checkpoints,
-                checkpoints=bool(tc.save_every),
-                ema=bool(tc.ema_decay),
-                best=splits.val is not None,
-                adam=tc.optimizer == "adamw",
+                sum(p.numel() * p.element_size() for p in run.params),
+                cfg.train.keep_checkpoints,
+                checkpoints=bool(cfg.train.save_every),
+                ema=bool(cfg.train.ema_decay),
+                best=run.splits.val is not None,
+                adam=cfg.train.optimizer == "adamw",
             )
-            _make_run_dir(output_dir, overwrite and not resume, needed)
+            _make_run_dir(output_dir, overwrite, needed)
             atomic_write_text(output_dir / "config.yaml", config_yaml(cfg))
-            if splits.skipped:  # what bad_files=skip left out, so that nothing goes silently
-                listing = [dataclasses.asdict(e) for e in splits.skipped]
+            if run.splits.skipped:  # what bad_files=skip left out, so that nothing goes silently
+                listing = [dataclasses.asdict(e) for e in run.splits.skipped]
                 atomic_write_text(
                     output_dir / "skipped_files.json", json.dumps(listing, indent=2) + "\n"
                 )
         elif not (output_dir / "metrics.jsonl").exists():
             metrics_offset = None
-    accelerator.wait_for_everyone()
-    log = MetricsLog(output_dir / "metrics.jsonl" if is_main else None, truncate_at=metrics_offset)
+    run.accelerator.wait_for_everyone()
+    path = output_dir / "metrics.jsonl" if run.is_main else None
+    run.log = MetricsLog(path, truncate_at=metrics_offset)
     if cfg.train.log_with:
-        accelerator.init_trackers("caat-peft", config=_flat_hparams(cfg))
+        run.accelerator.init_trackers("caat-peft", config=_flat_hparams(cfg))
 
-    def write_row(row: dict[str, Any]) -> None:
-        layers = row.pop("layers", None)
-        log.write(row)
-        if layers is not None:
-            log.write({"type": "layers", "step": row["step"], "cos": layers})
-        if cfg.train.log_with:
-            accelerator.log(tracker_scalars(row), step=row["step"])
 
-    def run_eval(dataset: Dataset, steps: int, seed_offset: int) -> dict[str, float]:
-        return evaluate(
-            model,
-            dataset,
-            accelerator,
-            eps=eval_eps,
-            alpha=eval_alpha,
-            steps=steps,
-            norm=cfg.attack.norm,
-            seed=tc.seed + seed_offset,
-            batch_size=cfg.eval.batch_size,
-            num_workers=cfg.data.num_workers,
-        )
-
-    def checkpoint_state() -> dict[str, Any]:
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "metrics_offset": log.offset,
-            "best": {k: v for k, v in run.best.items() if k != "weights"},
-            "best_weights": run.best.get("weights"),
-            "epochs_since_best": run.epochs_since_best,
-            "stalled": run.stall.stalled,
-        }
-        for key in ("step", "epoch", "step_in_epoch", "skipped", "consecutive_nonfinite"):
-            state[key] = getattr(run, key)
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
-        return state
-
-    start = time.perf_counter()
-    bar = tqdm_bar(total_steps, run.step, progress and is_main)
+def _loop(run: _Run, progress: bool) -> None:
+    """Epochs of optimiser steps, each epoch ended by validation and the held-out curve."""
+    tc, state = run.cfg.train, run.state
+    bar = tqdm_bar(run.total_steps, state.step, progress and run.is_main)
     try:
-        while run.epoch <= tc.epochs and not run.stopped_early:
-            sampler.set_epoch(run.epoch, start=run.step_in_epoch * tc.grad_accum_steps)
-            batches = iter(train_loader)
-            while run.step_in_epoch < steps_per_epoch:
-                micro_batches = _next_micro_batches(
-                    batches, run.step, cfg, accelerator, clean_only, micro_global
-                )
-                result = training_step(
-                    model,
-                    params,
-                    objective,
-                    combiner,
-                    optimizer,
-                    micro_batches,
-                    reduce=reduce,
-                    grad_clip=tc.grad_clip,
-                    clean_only=clean_only,
-                    precision=tc.precision,
-                    scaler=scaler,
-                    param_names=[n for n, _ in named],
-                    layer_conflict=bool(tc.layer_conflict_every)
-                    and (run.step + 1) % tc.layer_conflict_every == 0,
-                )
-                run.step += 1
-                run.step_in_epoch += 1
-                if result.skipped:
-                    run.skipped += 1
-                    run.consecutive_nonfinite += 1
-                    if run.consecutive_nonfinite >= tc.max_nonfinite_steps:
-                        row = {"type": "step", "epoch": run.epoch, "step": run.step}
-                        write_row({**row, "skipped": True, **result.stats})
-                        raise UserError(
-                            f"{run.consecutive_nonfinite} consecutive steps had non-finite "
-                            f"losses or gradients (train.max_nonfinite_steps = "
-                            f"{tc.max_nonfinite_steps}); start a new run with a lower train.lr, "
-                            "train.grad_clip set, or train.precision=fp32"
-                        )
-                else:
-                    run.consecutive_nonfinite = 0
-                    run.stall.update(result.stats)
-                    scheduler.step()
-                    if ema is not None:
-                        ema.update()
-                if run.step % tc.log_every == 0 or result.skipped or "layers" in result.stats:
-                    row = {"type": "step", "epoch": run.epoch, "step": run.step}
-                    row.update(skipped=result.skipped, lr=optimizer.param_groups[0]["lr"])
-                    row.update(result.stats)
-                    write_row(row)
+        while state.epoch <= tc.epochs and not state.stopped_early:
+            run.sampler.set_epoch(state.epoch, start=state.step_in_epoch * tc.grad_accum_steps)
+            batches = iter(run.train_loader)
+            while state.step_in_epoch < run.steps_per_epoch:
+                result = _one_step(run, batches)
                 bar.update(1)
                 bar.set_postfix(_postfix(result.stats), refresh=False)
-                if tc.save_every and run.step % tc.save_every == 0:
-                    save_checkpoint(
-                        output_dir,
-                        run.step,
-                        named,
-                        checkpoint_state(),
-                        keep=tc.keep_checkpoints,
-                        rank=rank,
-                        is_main=is_main,
-                        barrier=accelerator.wait_for_everyone,
-                    )
-            warning = run.stall.end_epoch(run.epoch, cfg.objective.kind)
-            if warning and is_main:
+                if tc.save_every and state.step % tc.save_every == 0:
+                    _save_checkpoint(run)
+            warning = state.stall.end_epoch(state.epoch, run.cfg.objective.kind)
+            if warning and run.is_main:
                 print(f"caat-peft: warning: {warning}", file=sys.stderr)
-            _end_of_epoch(run, splits.val, test_set, run_eval, write_row, ema, named, start)
-            run.epoch += 1
-            run.step_in_epoch = 0
+            _end_of_epoch(run)
+            state.epoch += 1
+            state.step_in_epoch = 0
     finally:
         bar.close()
 
-    final = _finish(run, model, named, ema, test_set, run_eval, start, params)
-    log.close()
-    if cfg.train.log_with:
-        accelerator.end_training()
-    final["eval_subset"] = test_subset
-    if is_main:
-        _save_model(model, ema, output_dir / "adapter")
-        write_samples(output_dir, final, run.samples, dataset_labels(test_set), test_subset)
+
+def _one_step(run: _Run, batches: Iterator) -> Any:
+    """One optimiser step (:func:`training_step`), its bookkeeping and its metrics row."""
+    cfg, state = run.cfg, run.state
+    tc = cfg.train
+    micro_batches = _next_micro_batches(
+        batches, state.step, cfg, run.accelerator, run.clean_only, run.micro_global
+    )
+    result = training_step(
+        run.model,
+        run.params,
+        run.objective,
+        run.combiner,
+        run.optimizer,
+        micro_batches,
+        reduce=run.reduce,
+        grad_clip=tc.grad_clip,
+        clean_only=run.clean_only,
+        precision=tc.precision,
+        scaler=run.scaler,
+        param_names=[n for n, _ in run.named],
+        layer_conflict=bool(tc.layer_conflict_every)
+        and (state.step + 1) % tc.layer_conflict_every == 0,
+    )
+    state.step += 1
+    state.step_in_epoch += 1
+    row = {"type": "step", "epoch": state.epoch, "step": state.step}
+    if result.skipped:
+        state.skipped += 1
+        state.consecutive_nonfinite += 1
+        if state.consecutive_nonfinite >= tc.max_nonfinite_steps:
+            run.write_row({**row, "skipped": True, **result.stats})
+            raise UserError(
+                f"{state.consecutive_nonfinite} consecutive steps had non-finite losses or "
+                f"gradients (train.max_nonfinite_steps = {tc.max_nonfinite_steps}); start a new "
+                "run with a lower train.lr, train.grad_clip set, or train.precision=fp32"
+            )
+    else:
+        state.consecutive_nonfinite = 0
+        state.stall.update(result.stats)
+        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update()
+    if state.step % tc.log_every == 0 or result.skipped or "layers" in result.stats:
+        row.update(skipped=result.skipped, lr=run.optimizer.param_groups[0]["lr"])
+        run.write_row({**row, **result.stats})
+    return result
+
+
+def _save_checkpoint(run: _Run) -> None:
+    save_checkpoint(
+        run.output_dir,
+        run.state.step,
+        run.named,
+        run.checkpoint_state(),
+        keep=run.cfg.train.keep_checkpoints,
+        rank=run.accelerator.process_index,
+        is_main=run.is_main,
+        barrier=run.accelerator.wait_for_everyone,
+    )
+
+
+def _finish_run(run: _Run) -> TrainResult:
+    """The final evaluation, final.json, the adapter, the samples and the plot."""
+    final = _finish(run)
+    run.log.close()
+    if run.cfg.train.log_with:
+        run.accelerator.end_training()
+    final["eval_subset"] = run.test_subset
+    output_dir = run.output_dir
+    if run.is_main:
+        _save_model(run.model, run.ema, output_dir / "adapter")
+        labels = dataset_labels(run.test_set)
+        write_samples(output_dir, final, run.state.samples, labels, run.test_subset)
         atomic_write_text(output_dir / "final.json", json.dumps(final, indent=2) + "\n")
-        if tc.plots:
+        if run.cfg.train.plots:
             plot_conflict(output_dir / "metrics.jsonl", output_dir / "conflict.png")
-    accelerator.wait_for_everyone()
-    return TrainResult(run_dir=output_dir, final=final, model=model, is_main_process=is_main)
+    run.accelerator.wait_for_everyone()
+    return TrainResult(
+        run_dir=output_dir, final=final, model=run.model, is_main_process=run.is_main
+    )
 
 
 def tqdm_bar(total: int, initial: int, enabled: bool):
@@ -748,51 +858,59 @@ def _next_micro_batches(
     return out
 
 
-def _end_of_epoch(run: _Run, val_set, test_set, run_eval, write_row, ema, named, start) -> None:
+def _end_of_epoch(run: _Run) -> None:
     """Validation (model selection, early stopping) and the held-out curve."""
-    cfg = run.cfg
-    row: dict[str, Any] = {"type": "epoch", "epoch": run.epoch, "step": run.step}
+    cfg, state, ema = run.cfg, run.state, run.ema
+    row: dict[str, Any] = {"type": "epoch", "epoch": state.epoch, "step": state.step}
     if ema is not None:
         ema.swap()
     try:
-        if val_set is not None:
-            val = run_eval(val_set, cfg.eval.select_steps, seed_offset=1)
-            row.update(val_clean_acc=val["clean_acc"], val_robust_acc=val["robust_acc"])
-            if not run.best or val["robust_acc"] > run.best["val_robust_acc"]:
-                run.best = {
-                    "epoch": run.epoch,
-                    "step": run.step,
-                    "val_clean_acc": val["clean_acc"],
-                    "val_robust_acc": val["robust_acc"],
-                    "weights": [p.detach().clone().cpu() for _, p in named],
-                }
-                run.epochs_since_best = 0
-                if run.accelerator.is_main_process:
-                    # EMA weights are swapped in already, so save what is live.
-                    _save_model(run.model, None, run.output_dir / "best_adapter")
-            else:
-                run.epochs_since_best += 1
-            patience = cfg.train.early_stop_patience
-            if patience is not None and run.epochs_since_best >= patience:
-                run.stopped_early = True
-        last_epoch = run.epoch == cfg.train.epochs or run.stopped_early
+        if run.splits.val is not None:
+            _select(run, row)
+        last_epoch = state.epoch == cfg.train.epochs or state.stopped_early
         every = cfg.eval.every
-        if last_epoch or (every and run.epoch % every == 0):
-            run.last_eval = run_eval(test_set, cfg.eval.steps, seed_offset=0)
-            row.update(clean_acc=run.last_eval["clean_acc"], robust_acc=run.last_eval["robust_acc"])
+        if last_epoch or (every and state.epoch % every == 0):
+            state.last_eval = run.evaluate(run.test_set, cfg.eval.steps, seed_offset=0)
+            row.update(
+                clean_acc=state.last_eval["clean_acc"], robust_acc=state.last_eval["robust_acc"]
+            )
     finally:
         if ema is not None:
             ema.swap()
-    row["seconds"] = round(time.perf_counter() - start, 3)
+    row["seconds"] = round(time.perf_counter() - run.start, 3)
     if len(row) > 4:
-        write_row(row)
-        if run.accelerator.is_main_process and "robust_acc" in row:
+        run.write_row(row)
+        if run.is_main and "robust_acc" in row:
             from tqdm.auto import tqdm
 
             tqdm.write(
-                f"epoch {run.epoch}: held-out clean acc {row['clean_acc']:.3f}, "
+                f"epoch {state.epoch}: held-out clean acc {row['clean_acc']:.3f}, "
                 f"PGD-{cfg.eval.steps} acc {row['robust_acc']:.3f}"
             )
+
+
+def _select(run: _Run, row: dict[str, Any]) -> None:
+    """Validation robust accuracy: keep the best epoch's weights, stop early on patience."""
+    cfg, state = run.cfg, run.state
+    val = run.evaluate(run.splits.val, cfg.eval.select_steps, seed_offset=1)
+    row.update(val_clean_acc=val["clean_acc"], val_robust_acc=val["robust_acc"])
+    if not state.best or val["robust_acc"] > state.best["val_robust_acc"]:
+        state.best = {
+            "epoch": state.epoch,
+            "step": state.step,
+            "val_clean_acc": val["clean_acc"],
+            "val_robust_acc": val["robust_acc"],
+            "weights": [p.detach().clone().cpu() for p in run.params],
+        }
+        state.epochs_since_best = 0
+        if run.is_main:
+            # EMA weights are swapped in already, so save what is live.
+            _save_model(run.model, None, run.output_dir / "best_adapter")
+    else:
+        state.epochs_since_best += 1
+    patience = cfg.train.early_stop_patience
+    if patience is not None and state.epochs_since_best >= patience:
+        state.stopped_early = True
 
 
 def _save_model(model: nn.Module, ema: ParameterEMA | None, directory: Path) -> None:
@@ -810,47 +928,49 @@ def _save_model(model: nn.Module, ema: ParameterEMA | None, directory: Path) -> 
             ema.swap()
 
 
-def _finish(run: _Run, model, named, ema, test_set, run_eval, start, params) -> dict[str, Any]:
-    cfg = run.cfg
-    if not run.last_eval:  # resumed after the last epoch's evaluation was logged
+def _finish(run: _Run) -> dict[str, Any]:
+    cfg, state, ema = run.cfg, run.state, run.ema
+    if not state.last_eval:  # resumed after the last epoch's evaluation was logged
         if ema is not None:
             ema.swap()
-        run.last_eval = run_eval(test_set, cfg.eval.steps, seed_offset=0)
+        state.last_eval = run.evaluate(run.test_set, cfg.eval.steps, seed_offset=0)
         if ema is not None:
             ema.swap()
-    run.samples = {"last": run.last_eval}
+    state.samples = {"last": state.last_eval}
     final: dict[str, Any] = {
-        **_scores(run.last_eval),
-        "eval_n": run.last_eval["n"],
+        **_scores(state.last_eval),
+        "eval_n": state.last_eval["n"],
         "interval_method": WILSON,
         "eval_attack": f"pgd{cfg.eval.steps}-{cfg.attack.norm}",
-        "eval_eps": cfg.attack.eps if cfg.eval.eps is None else cfg.eval.eps,
-        "epochs": run.epoch - 1,
-        "steps": run.step,
-        "skipped_steps": run.skipped,
-        "stalled_steps": run.stall.stalled,  # update < 1e-3·‖g_c‖ (telemetry.StallMonitor)
+        "eval_eps": run.eval_eps,
+        "epochs": state.epoch - 1,
+        "steps": state.step,
+        "skipped_steps": state.skipped,
+        "stalled_steps": state.stall.stalled,  # update < 1e-3·‖g_c‖ (telemetry.StallMonitor)
         "skipped_files": run.skipped_files,
-        "stopped_early": run.stopped_early,
-        "seconds": round(time.perf_counter() - start, 3),
+        "stopped_early": state.stopped_early,
+        "seconds": round(time.perf_counter() - run.start, 3),
         "num_processes": run.accelerator.num_processes,
-        "trainable_parameters": sum(p.numel() for p in params),
+        "trainable_parameters": sum(p.numel() for p in run.params),
     }
-    if run.best and run.best.get("weights") is not None:
-        # The selected model, scored on the held-out split once, after training.
-        live = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, w in zip(params, run.best["weights"]):
-                p.copy_(w)
-        best_test = run_eval(test_set, cfg.eval.steps, seed_offset=0)
-        with torch.no_grad():
-            for p, w in zip(params, live):
-                p.copy_(w)
-        final["best"] = {
-            **{k: v for k, v in run.best.items() if k != "weights"},
-            **_scores(best_test),
-        }
-        run.samples["best"] = best_test
+    if state.best and state.best.get("weights") is not None:
+        final["best"] = _score_best(run)
     return final
+
+
+def _score_best(run: _Run) -> dict[str, Any]:
+    """The selected model, scored on the held-out split once, after training."""
+    params, best = run.params, run.state.best
+    live = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, w in zip(params, best["weights"]):
+            p.copy_(w)
+    best_test = run.evaluate(run.test_set, run.cfg.eval.steps, seed_offset=0)
+    with torch.no_grad():
+        for p, w in zip(params, live):
+            p.copy_(w)
+    run.state.samples["best"] = best_test
+    return {**{k: v for k, v in best.items() if k != "weights"}, **_scores(best_test)}
 
 
 def _scores(result: dict[str, Any]) -> dict[str, Any]:
