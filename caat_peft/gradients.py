@@ -66,6 +66,12 @@ def _check_pair(g_a: GradList, g_c: GradList) -> None:
 # Longest slice of one tensor cast to float64 at a time: bounds the extra memory of a full
 # fine-tuning gradient to 2 × 8 MiB whatever its largest tensor.
 _CHUNK = 1 << 20
+# Where float32 products are not good enough. Near φ = ±1, √(1−φ²) multiplies the error of φ by
+# |φ|/√(1−φ²) (2.1 at |φ| = 0.9, 700 at 1 − 1e-6); near the threshold the error can flip the
+# CA-AT decision. Entries with |φ| above NEAR_PARALLEL or within DECISION_MARGIN of γ are
+# recomputed with float64 accumulation; float32 dots of n values are off by about 1e-7·log n.
+NEAR_PARALLEL = 0.9
+DECISION_MARGIN = 1e-5
 
 
 class _Products(NamedTuple):
@@ -102,7 +108,7 @@ class _Products(NamedTuple):
 
 
 def _dot_and_squares(a: Tensor, c: Tensor) -> Tensor:
-    """(⟨a, c⟩, ‖a‖², ‖c‖²) of two same-shape tensors, accumulated in float64."""
+    """(⟨a, c⟩, ‖a‖², ‖c‖²) of two same-shape tensors, accumulated in float64 slice by slice."""
     a, c = a.reshape(-1), c.reshape(-1)
     parts = []
     for start in range(0, max(a.numel(), 1), _CHUNK):
@@ -111,8 +117,52 @@ def _dot_and_squares(a: Tensor, c: Tensor) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
 
-def _per_tensor_products(g_a: GradList, g_c: GradList) -> _Products:
-    table = torch.stack([_dot_and_squares(a, c) for a, c in zip(g_a, g_c)])
+def _input_precision_table(g_a: GradList, g_c: GradList) -> Tensor:
+    """One row (⟨a, c⟩, ‖a‖², ‖c‖²) per tensor, accumulated in the gradients' own dtype (fast:
+    float32 dots run at twice the width of float64 ones) and returned as float64."""
+    rows = []
+    for a, c in zip(g_a, g_c):
+        a, c = a.reshape(-1), c.reshape(-1)
+        rows.append(torch.stack([torch.dot(a, c), torch.dot(a, a), torch.dot(c, c)]))
+    return torch.stack(rows).double()
+
+
+def _needs_float64(cos: Tensor, gamma: float | None) -> Tensor:
+    near = cos.abs() > NEAR_PARALLEL
+    if gamma is not None:
+        near = near | ((cos - gamma).abs() < DECISION_MARGIN)
+    return near
+
+
+def _product_table(
+    g_a: GradList, g_c: GradList, *, per_row: bool = False, gamma: float | None = None
+) -> Tensor:
+    """One float64 row (⟨a, c⟩, ‖a‖², ‖c‖²) per tensor, exact where it matters.
+
+    The products are taken in the gradients' dtype first; every row whose φ is near ±1 or near
+    γ (``_needs_float64``) and every one-element tensor is then recomputed with float64
+    accumulation — all rows when ``per_row`` is False (only the whole gradient's φ decides) and
+    the whole gradient's φ is near. Costs one small read-back to the host.
+    """
+    table = _input_precision_table(g_a, g_c)
+    if all(a.dtype == torch.float64 for a in g_a):
+        return table  # already accumulated in float64
+    whole = _Products(*table.sum(0), torch.tensor(False)).cos()
+    if per_row:
+        rows = _Products(table[:, 0], table[:, 1], table[:, 2], torch.zeros(len(g_a), dtype=bool))
+        redo = _needs_float64(rows.cos(), gamma).tolist()
+    else:
+        redo = [bool(_needs_float64(whole, gamma))] * len(g_a)
+    for i, a in enumerate(g_a):
+        if redo[i] or a.numel() == 1:
+            table[i] = _dot_and_squares(a, g_c[i])
+    return table
+
+
+def _per_tensor_products(
+    g_a: GradList, g_c: GradList, *, per_row: bool = False, gamma: float | None = None
+) -> _Products:
+    table = _product_table(g_a, g_c, per_row=per_row, gamma=gamma)
     scalar = torch.tensor([a.numel() == 1 for a in g_a], device=table.device)
     return _Products(table[:, 0], table[:, 1], table[:, 2], scalar)
 
@@ -120,7 +170,7 @@ def _per_tensor_products(g_a: GradList, g_c: GradList) -> _Products:
 def per_tensor_cosines(g_adv: GradList, g_clean: GradList) -> list[float]:
     """cos(g_a, g_c) of each parameter tensor (0 where either is zero), in float64."""
     _check_pair(g_adv, g_clean)
-    return _per_tensor_products(g_adv, g_clean).cos().tolist()
+    return _per_tensor_products(g_adv, g_clean, per_row=True).cos().tolist()
 
 
 def _mu(cos: Tensor, norm_a: Tensor, norm_c: Tensor) -> Tensor:
@@ -297,7 +347,9 @@ def combine_caat(
     _check_granularity(granularity)
     _check_pair(g_adv, g_clean)
 
-    per_tensor = _per_tensor_products(g_adv, g_clean)
+    per_tensor = _per_tensor_products(
+        g_adv, g_clean, per_row=granularity == "tensor", gamma=gamma if gamma < 1 else None
+    )
     whole = per_tensor.total()
     cos, na, nc = whole.cos(), whole.norm_a, whole.norm_c
     finite = torch.isfinite(whole.dot) & torch.isfinite(na) & torch.isfinite(nc)
