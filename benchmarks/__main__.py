@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 SECTIONS = ("step", "fast", "attack", "memory", "accuracy", "scaling", "proposals")
@@ -32,7 +33,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="reduced workload (112 px), few repeats")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"sections: {','.join(SECTIONS)}")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3 / 5)")
+    p.add_argument("--repeats", type=int, default=None, help="least timed rounds (default 3 / 5)")
+    p.add_argument(
+        "--max-repeats",
+        type=int,
+        default=None,
+        help="most timed rounds while a ratio is still noisy (default: twice the least)",
+    )
+    p.add_argument(
+        "--target-spread",
+        type=float,
+        default=None,
+        help="a ratio is a figure once its rounds spread by at most this (default 0.03); "
+        "above it, it is reported as noisy and not judged against its goal",
+    )
     p.add_argument("--seeds", default=None, help="accuracy seeds, e.g. 0,1 (default 0 / 0,1)")
     p.add_argument(
         "--omp-wait-policy",
@@ -63,12 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         # Must happen before torch (and its OpenMP runtime) is loaded; subprocesses inherit it.
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
 
-    from benchmarks.bench_common import FULL, QUICK, load1, machine
+    from benchmarks.bench_common import FULL, QUICK, TARGET_SPREAD, load1, loadavg, machine
 
     work = QUICK if args.quick else FULL
     repeats = args.repeats or (3 if args.quick else 5)
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
     only = args.only.split(",")
+    target = args.target_spread if args.target_spread is not None else TARGET_SPREAD
+    rounds = {"max_repeats": args.max_repeats, "target_spread": target}
     started = time.perf_counter()
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -76,13 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "workload": work.describe(),
         "repeats": repeats,
+        "max_repeats": args.max_repeats,  # None: twice each figure's least number of rounds
+        "target_spread": target,
         "machine": machine(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "load1_start": load1(),
+        "loadavg_start": loadavg()["loadavg"],
         "sections": {},
     }
     print(f"# caat-peft benchmarks ({'quick' if args.quick else 'full'})\n")
-    print(f"workload: {work.describe()}; medians of {repeats} interleaved rounds after warm-up")
+    most = args.max_repeats or "twice that"
+    print(f"workload: {work.describe()}; medians of ≥ {repeats} (at most {most}) interleaved "
+          f"rounds after warm-up; a ratio spreading > {target:.0%} is reported as noisy")  # fmt: skip
     print(f"machine: {report['machine']}; OMP_WAIT_POLICY={report['omp_wait_policy']}")
     print(f"load average (1 min) at start: {report['load1_start']:.2f}")
     sys.stdout.flush()
@@ -91,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if "step" in only:
         from benchmarks.bench_step import caat_vs_vanilla
 
-        r = sec["step"] = caat_vs_vanilla(work, repeats)
+        r = _measure(sec, "step", lambda: caat_vs_vanilla(work, repeats, **rounds))
         s = r["seconds"]
         _section(
             "CA-AT vs vanilla (float32, same model, batch and start)",
@@ -114,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if "fast" in only:
         from benchmarks.bench_step import fast_vs_reference
 
-        r = sec["fast"] = fast_vs_reference(work, repeats)
+        r = _measure(sec, "fast", lambda: fast_vs_reference(work, repeats, **rounds))
         s = r["seconds"]
         _section(
             "Fast path vs reference step (CA-AT, same work)",
@@ -144,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if "attack" in only:
         from benchmarks.bench_attack import attack_throughput
 
-        r = sec["attack"] = attack_throughput(work, repeats)
+        r = _measure(sec, "attack", lambda: attack_throughput(work, repeats, **rounds))
         ips = r["images_per_second"]
         _section(
             f"PGD-{work.steps} throughput (images/s)",
@@ -162,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in only:
         from benchmarks.bench_memory import peak_memory
 
-        r = sec["memory"] = peak_memory(work, repeats=2 if args.quick else 3)
+        r = _measure(sec, "memory", lambda: peak_memory(work, repeats=2 if args.quick else 3))
         added = r.get("step_added_mib", {})
         _section(
             "Peak memory (peak RSS of a fresh subprocess per method, MiB)",
@@ -177,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if "accuracy" in only:
         from benchmarks.bench_accuracy import bf16_vs_fp32
 
-        r = sec["accuracy"] = bf16_vs_fp32(seeds)
+        r = _measure(sec, "accuracy", lambda: bf16_vs_fp32(seeds))
         rows = []
         for precision, runs in r["runs"].items():
             for run in runs:
@@ -196,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if "scaling" in only:
         from benchmarks.bench_scaling import scaling
 
-        r = sec["scaling"] = scaling(args.quick)
+        r = _measure(sec, "scaling", lambda: scaling(args.quick))
         sps = r["steps_per_second"]
         _section(
             "2-process CPU scaling (caat-peft train, same global batch)",
@@ -213,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     if "proposals" in only:
         from benchmarks.bench_proposals import omp_policy, update_figures
 
-        omp = omp_policy(1 if args.quick else 2)
-        r = sec["proposals"] = {**update_figures(work, repeats), **omp, "load1": omp["load1"]}
+        def proposals() -> dict[str, Any]:
+            omp = omp_policy(1 if args.quick else 2)
+            return {**update_figures(work, repeats, **rounds), **omp, "load1": omp["load1"]}
+
+        r = _measure(sec, "proposals", proposals)
         s = r["seconds"]
         _section(
             "Proposed product changes (measured against the product, same run)",
@@ -232,27 +256,44 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = _figures(sec)
     goals = _goals(figures, sec)
-    report["figures"] = figures
+    report["figures"] = {k: figure_entry(k, v, goals) for k, v in figures.items()}
     report["goals"] = goals
     report["load1_end"] = load1()
+    report["loadavg_end"] = loadavg()["loadavg"]
     report["seconds"] = round(time.perf_counter() - started, 1)
-    _section(
-        "Summary",
-        [[k, v, goals.get(k, {}).get("goal", ""), goals.get(k, {}).get("met", "")]
-         for k, v in figures.items()],
-        ["figure", "value", "goal", "met"],
-    )  # fmt: skip
+    _section("Summary", summary_rows(figures, goals), ["figure", "value", "goal", "verdict"])
     print(f"\nload average (1 min): start {report['load1_start']:.2f}, end "
           f"{report['load1_end']:.2f}; {report['seconds']} s in all")  # fmt: skip
-    line = json.dumps(report, default=float)
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            fh.write(json.dumps(report, indent=2, default=float) + "\n")
-    print(line)
+    _write_json(report, args.json_out)
     return 0
 
 
-def _figures(sec: dict[str, Any]) -> dict[str, float]:
+def _measure(sec: dict[str, Any], name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one section, recording the machine and its load around it (a figure measured while
+    other jobs ran is read against that load)."""
+    from benchmarks.bench_common import loadavg, machine
+
+    before = loadavg()
+    result = run()
+    result["load"] = {"before": before, "after": loadavg()}
+    result["machine"] = machine()
+    sec[name] = result
+    return result
+
+
+def _write_json(report: dict[str, Any], path: str | None) -> None:
+    from benchmarks.bench_common import to_jsonable
+
+    if path:
+        with open(path, "w") as fh:
+            fh.write(json.dumps(report, indent=2, default=to_jsonable) + "\n")
+    print(json.dumps(report, default=to_jsonable))
+
+
+def _figures(sec: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures: a ``Ratio`` where timed rounds made it, else a rounded float."""
+    from benchmarks.bench_common import Ratio
+
     keys = {
         "step": ("caat_over_vanilla_step", "caat_over_vanilla_update",
                  "caat_over_vanilla_step_noattack", "caat_noproj_over_vanilla_update"),
@@ -269,26 +310,63 @@ def _figures(sec: dict[str, Any]) -> dict[str, float]:
         "proposals": ("caat_host_over_product_update", "adamw_foreach_over_loop_update",
                       "omp_passive_over_active_step"),
     }  # fmt: skip
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     for section, names in keys.items():
         for name in names:
             if section in sec and name in sec[section]:
-                out[name] = round(float(sec[section][name]), 4)
+                v = sec[section][name]
+                out[name] = v if isinstance(v, Ratio) else round(float(v), 4)
     return out
 
 
-def _goals(figures: dict[str, float], sec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def verdict(name: str, value: Any, sec: dict[str, Any]) -> str:
+    """``noisy`` for a ratio that never settled (never judged: its value says nothing about the
+    goal), ``no goal`` where there is none, else ``met`` / ``not met``."""
+    from benchmarks.bench_common import Ratio
+
+    if isinstance(value, Ratio) and not value.stable:
+        return "noisy"
+    if name not in GOALS:
+        return "no goal"
+    if name == "peak_memory_caat_over_vanilla":
+        m = sec["memory"]
+        met = m["peak_rss_mib"]["caat"] <= m["allowed_caat_peak_mib"]
+    else:
+        met = bool(GOALS[name][1](float(value)))
+    return "met" if met else "not met"
+
+
+def _goals(figures: dict[str, Any], sec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each figure that has a goal: the goal, its verdict and ``met`` (None when noisy)."""
     goals: dict[str, dict[str, Any]] = {}
-    for name, (text, test) in GOALS.items():
+    for name, (text, _) in GOALS.items():
         if name not in figures:
             continue
-        if name == "peak_memory_caat_over_vanilla":
-            m = sec["memory"]
-            met = m["peak_rss_mib"]["caat"] <= m["allowed_caat_peak_mib"]
-        else:
-            met = bool(test(figures[name]))
-        goals[name] = {"goal": text, "met": met}
+        v = verdict(name, figures[name], sec)
+        goals[name] = {"goal": text, "verdict": v, "met": None if v == "noisy" else v == "met"}
     return goals
+
+
+def figure_entry(name: str, value: Any, goals: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A figure's JSON entry: value (and spread, rounds for a timed ratio) and its verdict."""
+    from benchmarks.bench_common import Ratio
+
+    entry: dict[str, Any] = value.to_json() if isinstance(value, Ratio) else {"value": value}
+    if isinstance(value, Ratio) and not value.stable:
+        entry["verdict"] = "noisy"
+    else:
+        entry["verdict"] = goals.get(name, {}).get("verdict", "no goal")
+    return entry
+
+
+def summary_rows(figures: dict[str, Any], goals: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """Rows of the summary table: a noisy ratio shows ``noisy (spread …)`` and no verdict on
+    its goal."""
+    rows = []
+    for name, value in figures.items():
+        goal = goals.get(name, {}).get("goal", "")
+        rows.append([name, value, goal, figure_entry(name, value, goals)["verdict"]])
+    return rows
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ import torch
 from benchmarks.bench_common import (
     ALPHA,
     EPS,
+    TARGET_SPREAD,
     Workload,
     build_model,
-    interleaved,
+    interleaved_until_stable,
     load1,
     make_batch,
-    median,
     spread,
 )
 from benchmarks.bench_step import make_torchattacks_pgd
@@ -31,7 +31,13 @@ from caat_peft.attacks import pgd
 from caat_peft.training.fastpath import autocast_for, prepare_model
 
 
-def attack_throughput(work: Workload, repeats: int) -> dict[str, Any]:
+def attack_throughput(
+    work: Workload,
+    repeats: int,
+    *,
+    max_repeats: int | None = None,
+    target_spread: float = TARGET_SPREAD,
+) -> dict[str, Any]:
     model = build_model(work).eval()
     batch = make_batch(work)
     x, y = batch.x, batch.y
@@ -50,23 +56,27 @@ def attack_throughput(work: Workload, repeats: int) -> dict[str, Any]:
     started = time.perf_counter()
     ours_bf16(compiled)
     compile_seconds = time.perf_counter() - started
-    times = interleaved(
+    run = interleaved_until_stable(
         {
             "ours": ours,
             "torchattacks": lambda: ta(x, y),
             "ours_bf16": lambda: ours_bf16(bf16_model),
             "ours_bf16_compiled": lambda: ours_bf16(compiled),
         },
-        repeats=repeats,
+        ("torchattacks", "ours"),  # the figure with a goal decides when to stop
+        min_repeats=repeats,
+        max_repeats=max_repeats or 2 * repeats,
+        target_spread=target_spread,
         warmup=1,
     )
-    med = {k: median(v) for k, v in times.items()}
+    times, med = run.times, run.medians()
     return {
-        "attack_over_torchattacks": med["torchattacks"] / med["ours"],
-        "attack_bf16_over_fp32": med["ours"] / med["ours_bf16"],
-        "attack_bf16_compiled_over_fp32": med["ours"] / med["ours_bf16_compiled"],
+        "attack_over_torchattacks": run.ratio("torchattacks", "ours"),
+        "attack_bf16_over_fp32": run.ratio("ours", "ours_bf16"),
+        "attack_bf16_compiled_over_fp32": run.ratio("ours", "ours_bf16_compiled"),
         "compile_seconds": compile_seconds,
         "images_per_second": {k: work.batch / v for k, v in med.items()},
         "spread": {k: spread(v) for k, v in times.items()},
+        "rounds": run.rounds,
         "load1": [load_before, load1()],
     }

@@ -36,10 +36,11 @@ from benchmarks.bench_common import (
     ALPHA,
     EPS,
     GAMMA,
+    TARGET_SPREAD,
     Trainee,
     Workload,
     build_model,
-    interleaved,
+    interleaved_until_stable,
     load1,
     make_batch,
     make_trainee,
@@ -115,8 +116,22 @@ def make_torchattacks_pgd(model: nn.Module, steps: int) -> torchattacks.attack.A
 # Measurements
 
 
-def caat_vs_vanilla(work: Workload, repeats: int) -> dict[str, Any]:
-    """Full step, PGD-0 step and update-only, CA-AT over vanilla (float32)."""
+def caat_vs_vanilla(
+    work: Workload,
+    repeats: int,
+    *,
+    max_repeats: int | None = None,
+    target_spread: float = TARGET_SPREAD,
+) -> dict[str, Any]:
+    """Full step, PGD-0 step and update-only, CA-AT over vanilla (float32).
+
+    Each figure takes at least its number of rounds and at most ``max_repeats`` (default twice
+    the minimum), stopping once its per-round ratio spreads by ≤ ``target_spread``."""
+    rounds: dict[str, Any] = {"target_spread": target_spread}
+
+    def upto(least: int) -> dict[str, Any]:
+        return {"min_repeats": least, "max_repeats": max(max_repeats or 2 * least, least)}
+
     base = build_model(work)
     batch = make_batch(work)
     load_before = load1()
@@ -127,18 +142,22 @@ def caat_vs_vanilla(work: Workload, repeats: int) -> dict[str, Any]:
     def caat_step() -> None:
         projected.append(run_step(caat, batch)["projected"])
 
-    step = interleaved(
+    step_run = interleaved_until_stable(
         {"vanilla": lambda: run_step(vanilla, batch), "caat": caat_step},
-        repeats=repeats,
+        ("caat", "vanilla"),
         warmup=1,
+        **upto(repeats),
+        **rounds,
     )
 
     vanilla0 = make_trainee(base, "vanilla", 0)
     caat0 = make_trainee(base, "caat", 0)
-    step0 = interleaved(
+    step0_run = interleaved_until_stable(
         {"vanilla": lambda: run_step(vanilla0, batch), "caat": lambda: run_step(caat0, batch)},
-        repeats=max(repeats, 7),
+        ("caat", "vanilla"),
         warmup=2,
+        **upto(max(repeats, 7)),
+        **rounds,
     )
 
     # The same (g_c, g_a) for both combiners, from a real attack.
@@ -159,22 +178,25 @@ def caat_vs_vanilla(work: Workload, repeats: int) -> dict[str, Any]:
         return stats
 
     assert update(caat_proj)["projected"] and not update(caat_keep)["projected"]
-    upd = interleaved(
+    upd_run = interleaved_until_stable(
         {
             "vanilla": lambda: update(vanilla),
             "caat": lambda: update(caat_proj),
             "caat_no_projection": lambda: update(caat_keep),
         },
-        repeats=max(repeats, 9),
+        [("caat", "vanilla"), ("caat_no_projection", "vanilla")],
         warmup=3,
         inner=50,
+        **upto(max(repeats, 9)),
+        **rounds,
     )
+    step, step0, upd = step_run.times, step0_run.times, upd_run.times
     return {
-        "caat_over_vanilla_step": median(step["caat"]) / median(step["vanilla"]),
-        "caat_over_vanilla_step_noattack": median(step0["caat"]) / median(step0["vanilla"]),
-        "caat_over_vanilla_update": median(upd["caat"]) / median(upd["vanilla"]),
-        "caat_noproj_over_vanilla_update": median(upd["caat_no_projection"])
-        / median(upd["vanilla"]),
+        # medians of per-round ratios, each with its spread and whether it settled
+        "caat_over_vanilla_step": step_run.ratio("caat", "vanilla"),
+        "caat_over_vanilla_step_noattack": step0_run.ratio("caat", "vanilla"),
+        "caat_over_vanilla_update": upd_run.ratio("caat", "vanilla"),
+        "caat_noproj_over_vanilla_update": upd_run.ratio("caat_no_projection", "vanilla"),
         "seconds": {
             "step_vanilla": median(step["vanilla"]),
             "step_caat": median(step["caat"]),
@@ -216,7 +238,13 @@ def count_step_flops(work: Workload) -> int:
     return counter.get_total_flops()
 
 
-def fast_vs_reference(work: Workload, repeats: int) -> dict[str, Any]:
+def fast_vs_reference(
+    work: Workload,
+    repeats: int,
+    *,
+    max_repeats: int | None = None,
+    target_spread: float = TARGET_SPREAD,
+) -> dict[str, Any]:
     """Reference (fp32, torchattacks, flat copies) vs ``training_step`` on the fast path (bf16,
     compiled), bf16 eager and fp32, with dense-matmul FLOP/s measured in the same rounds."""
     base = build_model(work)
@@ -234,7 +262,7 @@ def fast_vs_reference(work: Workload, repeats: int) -> dict[str, Any]:
     prepare_model(eager.model, precision="bf16")
     fp32 = make_trainee(base, "caat", work.steps)
     mm32, mm16 = _matmul(torch.float32), _matmul(torch.bfloat16)
-    times = interleaved(
+    run = interleaved_until_stable(
         {
             "reference": lambda: reference_caat_step(
                 ref.model, ref.params, ref_attack, ref.optimizer, batch.x, batch.y, GAMMA
@@ -245,24 +273,32 @@ def fast_vs_reference(work: Workload, repeats: int) -> dict[str, Any]:
             "matmul_fp32": lambda: [mm32() for _ in range(3)],
             "matmul_bf16": lambda: [mm16() for _ in range(3)],
         },
-        repeats=repeats,
+        # the two figures with a goal decide when to stop
+        [("reference", "fast"), ("matmul_fp32", "step_fp32")],
+        min_repeats=repeats,
+        max_repeats=max_repeats or 2 * repeats,
+        target_spread=target_spread,
         warmup=1,
     )
-    med = {k: median(v) for k, v in times.items()}
+    times, med = run.times, run.medians()
     mm_flops = 3 * 2 * MATMUL_N**3
     matmul32 = mm_flops / med["matmul_fp32"]
     matmul16 = mm_flops / med["matmul_bf16"]
     achieved32 = flops / med["step_fp32"]
     achieved_fast = flops / med["fast"]
+    # utilisation = (flops / t_step) / (mm_flops / t_matmul): a per-round time ratio, scaled
+    per_matmul = flops / mm_flops
     return {
-        "fast_over_reference_step": med["reference"] / med["fast"],
-        "fp32_over_reference_step": med["reference"] / med["step_fp32"],
-        "bf16_eager_over_reference_step": med["reference"] / med["bf16_eager"],
-        "fast_over_fp32_step": med["step_fp32"] / med["fast"],
+        "fast_over_reference_step": run.ratio("reference", "fast"),
+        "fp32_over_reference_step": run.ratio("reference", "step_fp32"),
+        "bf16_eager_over_reference_step": run.ratio("reference", "bf16_eager"),
+        "fast_over_fp32_step": run.ratio("step_fp32", "fast"),
         "compile_seconds": compile_seconds,
-        "step_flops_utilisation": achieved32 / matmul32,
-        "step_flops_utilisation_fast_bf16": achieved_fast / matmul16,
-        "step_flops_utilisation_bf16_eager": flops / med["bf16_eager"] / matmul16,
+        "step_flops_utilisation": run.ratio("matmul_fp32", "step_fp32").scaled(per_matmul),
+        "step_flops_utilisation_fast_bf16": run.ratio("matmul_bf16", "fast").scaled(per_matmul),
+        "step_flops_utilisation_bf16_eager": run.ratio("matmul_bf16", "bf16_eager").scaled(
+            per_matmul
+        ),
         "step_gflop": flops / 1e9,
         "achieved_gflops_fp32": achieved32 / 1e9,
         "achieved_gflops_fast": achieved_fast / 1e9,
@@ -271,5 +307,6 @@ def fast_vs_reference(work: Workload, repeats: int) -> dict[str, Any]:
         "matmul_gflops_bf16": matmul16 / 1e9,
         "seconds": {k: med[k] for k in ("reference", "fast", "bf16_eager", "step_fp32")},
         "spread": {k: spread(v) for k, v in times.items()},
+        "rounds": run.rounds,
         "load1": [load_before, load1()],
     }
