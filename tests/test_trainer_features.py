@@ -220,3 +220,27 @@ def test_run_outputs_are_json(tmp_path):
     train(cfg, tmp_path / "run", progress=False)
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert final["stopped_early"] is False and final["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize(
+    ("sets", "attribute", "value"),
+    [
+        (["objective.kind=mart", "objective.beta=6"], "beta", 6.0),
+        (["objective.kind=alp", "objective.pairing_weight=0.25"], "pairing_weight", 0.25),
+    ],
+)
+def test_the_trainer_trains_with_the_objectives_options(
+    tmp_path, monkeypatch, sets, attribute, value
+):
+    """objective.beta / objective.pairing_weight reach the objective the trainer steps with
+    (they were once dropped: the trainer built the objective from its name alone)."""
+    cfg = load_config(TINY_RECIPE, [*FAST, *sets, "train.epochs=1", "data.classes=[0, 1]"])
+    real_step, seen = trainer_module.training_step, []
+
+    def spy(model, params, objective, *args, **kwargs):
+        seen.append(objective)
+        return real_step(model, params, objective, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "training_step", spy)
+    train(cfg, tmp_path / "run", progress=False)
+    assert seen and getattr(seen[0], attribute) == value

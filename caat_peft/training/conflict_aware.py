@@ -174,6 +174,11 @@ class ConflictAware:
         """
         if loss_adv is None and not self.clean_only:
             raise ValueError("loss_adv is needed: the combiner uses the adversarial gradient")
+        scaler = self.grad_scaler
+        if scaler is not None and hasattr(scaler, "get_scale") and scaler.is_enabled():
+            # A torch GradScaler makes its scale tensor on its first scale() call, and its
+            # step() refuses to run without one.
+            scaler.scale(loss_clean.detach())
         scale = self._loss_scale()
         if self._count == 0:
             self._scale = scale

@@ -598,7 +598,7 @@ def _prepare(
         scheduler=make_scheduler(optimizer, tc, steps_per_epoch * tc.epochs),
         ema=ParameterEMA([p for _, p in named], tc.ema_decay) if tc.ema_decay else None,
         scaler=LossScaler() if tc.precision == "fp16" else None,
-        objective=build_objective(cfg.objective.kind, cfg.attack),
+        objective=build_objective(cfg.objective, cfg.attack),  # kind and its options
         combiner=make_combiner(
             c.kind, lam=c.lam, gamma=c.gamma, granularity=c.granularity, normalize=c.normalize
         ),
