@@ -41,7 +41,7 @@ def full_vit_small() -> list[tuple[int, ...]]:
     return [(d, 3, 16, 16), (d,), (1, 197, d), (1, 1, d)] + block * 12 + [(d,), (d,), (200, d)]
 
 
-def _float32_table(g_a: list[torch.Tensor], g_c: list[torch.Tensor]) -> torch.Tensor:
+def _float32_table(g_a: list[torch.Tensor], g_c: list[torch.Tensor], **_: Any) -> torch.Tensor:
     """The combiner's old products: three float32 dots per tensor, cast afterwards."""
     rows = []
     for a, c in zip(g_a, g_c):

@@ -153,9 +153,10 @@ def _product_table(
         redo = _needs_float64(rows.cos(), gamma).tolist()
     else:
         redo = [bool(_needs_float64(whole, gamma))] * len(g_a)
-    for i, a in enumerate(g_a):
-        if redo[i] or a.numel() == 1:
-            table[i] = _dot_and_squares(a, g_c[i])
+    rows = [i for i, a in enumerate(g_a) if redo[i] or a.numel() == 1]
+    if rows:  # one write for all of them: near φ = ±1 that is every row
+        exact = torch.stack([_dot_and_squares(g_a[i], g_c[i]) for i in rows])
+        table[torch.tensor(rows, device=table.device)] = exact
     return table
 
 
