@@ -42,6 +42,7 @@ Degenerate inputs (defined here, tested in ``tests/test_gradients.py``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -127,11 +128,14 @@ def _input_precision_table(g_a: GradList, g_c: GradList) -> Tensor:
     return torch.stack(rows).double()
 
 
-def _needs_float64(cos: Tensor, gamma: float | None) -> Tensor:
-    near = cos.abs() > NEAR_PARALLEL
-    if gamma is not None:
-        near = near | ((cos - gamma).abs() < DECISION_MARGIN)
-    return near
+def _needs_float64(dot: float, sq_a: float, sq_c: float, gamma: float | None) -> bool:
+    """Whether φ from these float32-accumulated products is too close to ±1 or to γ."""
+    if not (sq_a > 0 and sq_c > 0):
+        return False  # no angle: the degenerate rules do not use φ
+    cos = dot / math.sqrt(sq_a * sq_c)
+    if cos != cos:  # NaN or inf products: the non-finite rule takes over
+        return False
+    return abs(cos) > NEAR_PARALLEL or (gamma is not None and abs(cos - gamma) < DECISION_MARGIN)
 
 
 def _product_table(
@@ -142,17 +146,15 @@ def _product_table(
     The products are taken in the gradients' dtype first; every row whose φ is near ±1 or near
     γ (``_needs_float64``) and every one-element tensor is then recomputed with float64
     accumulation — all rows when ``per_row`` is False (only the whole gradient's φ decides) and
-    the whole gradient's φ is near. Costs one small read-back to the host.
+    the whole gradient's φ is near. Decided on the host, after one small read-back.
     """
     table = _input_precision_table(g_a, g_c)
     if all(a.dtype == torch.float64 for a in g_a):
         return table  # already accumulated in float64
-    whole = _Products(*table.sum(0), torch.tensor(False)).cos()
     if per_row:
-        rows = _Products(table[:, 0], table[:, 1], table[:, 2], torch.zeros(len(g_a), dtype=bool))
-        redo = _needs_float64(rows.cos(), gamma).tolist()
+        redo = [_needs_float64(*row, gamma) for row in table.tolist()]
     else:
-        redo = [bool(_needs_float64(whole, gamma))] * len(g_a)
+        redo = [_needs_float64(*table.sum(0).tolist(), gamma)] * len(g_a)
     rows = [i for i, a in enumerate(g_a) if redo[i] or a.numel() == 1]
     if rows:  # one write for all of them: near φ = ±1 that is every row
         exact = torch.stack([_dot_and_squares(g_a[i], g_c[i]) for i in rows])
