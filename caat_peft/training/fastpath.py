@@ -85,5 +85,11 @@ def prepare_model(model: nn.Module, *, precision: str, compile: bool = False) ->
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
     if compile:
+        # Both gradients come from one clean forward (the first backward retains the graph),
+        # which AOTAutograd's donated buffers forbid; they only save memory.
+        import torch._functorch.config as functorch_config
+
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
         model.compile()
     return model
