@@ -73,6 +73,8 @@ _CHUNK = 1 << 20
 # recomputed with float64 accumulation; float32 dots of n values are off by about 1e-7·log n.
 NEAR_PARALLEL = 0.9
 DECISION_MARGIN = 1e-5
+# Squared norms below this may have underflowed in float32 (elements below ~1e-19 square to 0).
+FLOAT32_TINY = 1e-30
 
 
 class _Products(NamedTuple):
@@ -123,18 +125,21 @@ def _input_precision_table(g_a: GradList, g_c: GradList) -> Tensor:
     float32 dots run at twice the width of float64 ones) and returned as float64."""
     rows = []
     for a, c in zip(g_a, g_c):
+        # fp16 / bf16 gradients in float32 (exact): ‖g‖² of fp16 overflows at ‖g‖ = 256
         a, c = a.reshape(-1), c.reshape(-1)
+        if a.dtype in (torch.float16, torch.bfloat16):
+            a, c = a.float(), c.float()
         rows.append(torch.stack([torch.dot(a, c), torch.dot(a, a), torch.dot(c, c)]))
     return torch.stack(rows).double()
 
 
 def _needs_float64(dot: float, sq_a: float, sq_c: float, gamma: float | None) -> bool:
-    """Whether φ from these float32-accumulated products is too close to ±1 or to γ."""
-    if not (sq_a > 0 and sq_c > 0):
-        return False  # no angle: the degenerate rules do not use φ
+    """Whether φ from these float32-accumulated products is too close to ±1 or to γ, or the
+    products under- or overflowed float32 (a zero or infinite norm would pick a degenerate
+    rule that float64 does not)."""
+    if not all(map(math.isfinite, (dot, sq_a, sq_c))) or min(sq_a, sq_c) < FLOAT32_TINY:
+        return True  # recomputed: truly non-finite or zero gradients stay what they are
     cos = dot / math.sqrt(sq_a * sq_c)
-    if cos != cos:  # NaN or inf products: the non-finite rule takes over
-        return False
     return abs(cos) > NEAR_PARALLEL or (gamma is not None and abs(cos - gamma) < DECISION_MARGIN)
 
 

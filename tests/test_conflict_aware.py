@@ -237,6 +237,28 @@ def test_a_non_finite_loss_skips_the_step_and_lowers_the_scale():
     assert all(torch.equal(p, p0) for p, p0 in zip(trainable(reference), ref_before))
 
 
+def test_a_disabled_grad_scaler_never_lets_a_non_finite_step_through():
+    """GradScaler(enabled=use_fp16) in a bf16 / fp32 run: its step() never skips, so a
+    non-finite step must leave .grad None rather than NaN."""
+    model, opt, _, _ = sgd_pair()
+    scaler = cpu_grad_scaler(enabled=False)
+    before = [p.detach().clone() for p in trainable(model)]
+    loss_clean, loss_adv = losses(model, *batch())
+    stats = ConflictAware(model, gamma=0.8, grad_scaler=scaler).step(
+        loss_clean * float("nan"), loss_adv
+    )
+    assert not stats["finite"]
+    scaler.step(opt)
+    assert all(torch.equal(p, p0) for p, p0 in zip(trainable(model), before))
+
+
+def test_frozen_parameters_in_params_are_refused_by_name():
+    model = tiny_vit("lora")
+    frozen = next(p for p in model.parameters() if not p.requires_grad)
+    with pytest.raises(ValueError, match="frozen"):
+        ConflictAware(model, params=[*trainable(model), frozen])
+
+
 def test_a_fresh_grad_scaler_works_as_documented():
     model, opt, reference, ref_opt = sgd_pair()
     scaler = cpu_grad_scaler(init_scale=2.0**10)  # as a user makes it: never used before

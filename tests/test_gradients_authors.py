@@ -201,3 +201,30 @@ def test_near_parallel_float32_gradients_match_the_float64_reference(
     expected = authors_order(g_a, g_c, gamma, per_tensor=per_tensor, normalize=False)
     atol = 1e-6 * term_scale(g_a, g_c, expected, normalize=False)
     np.testing.assert_allclose(flat(update), expected, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gradients_combine_like_their_float32_values(dtype):
+    """fp16 squares overflow at ‖g‖ = 256; the products are taken in float32 (exact for both)."""
+    gen = torch.Generator().manual_seed(0)
+    g_c = [(10 * torch.randn(2000, generator=gen)).to(dtype)]
+    g_a = [(-5 * g_c[0].float() + 10 * torch.randn(2000, generator=gen)).to(dtype)]
+    update, stats = combine_caat(g_a, g_c, 0.8)
+    expected, expected_stats = combine_caat([g_a[0].float()], [g_c[0].float()], 0.8)
+    assert stats["finite"] and stats["projected"]
+    assert stats["cos"] == pytest.approx(expected_stats["cos"], abs=1e-7)
+    # the update itself is a combination in the gradients' dtype: its rounding, no more
+    atol = 4 * torch.finfo(dtype).eps * float(expected[0].abs().max())
+    torch.testing.assert_close(update[0].float(), expected[0], rtol=0, atol=atol)
+
+
+def test_gradients_whose_float32_squares_underflow_still_project():
+    """Elements of 1e-24 square to 0 in float32; the float64 recomputation sees the angle."""
+    gen = torch.Generator().manual_seed(1)
+    c = torch.randn(50, generator=gen, dtype=torch.float64)
+    a = -0.5 * c + torch.randn(50, generator=gen, dtype=torch.float64)
+    tiny_a, tiny_c = [(1e-24 * a).float()], [(1e-24 * c).float()]
+    update, stats = combine_caat(tiny_a, tiny_c, 0.8)
+    expected = authors_order(tiny_a, tiny_c, 0.8, per_tensor=False, normalize=False)
+    assert stats["projected"] and stats["cos"] < 0
+    np.testing.assert_allclose(flat(update), expected, rtol=1e-5, atol=0)

@@ -261,7 +261,9 @@ class CAATTrainer(Trainer):
                 self._window.append(stats)
         loss = loss_clean if loss_adv is None else loss_adv
         # the Trainer sums the returned values over the micro-batches of one step
-        return loss.detach() / getattr(self, "current_gradient_accumulation_steps", 1)
+        # (older transformers have no current_gradient_accumulation_steps: the configured one)
+        steps = getattr(self, "current_gradient_accumulation_steps", None)
+        return loss.detach() / (steps or self.args.gradient_accumulation_steps)
 
     def _label_keys(self) -> list[str]:
         return list(self.label_names or ["labels"])
@@ -284,12 +286,12 @@ class CAATTrainer(Trainer):
     # ------------------------------------------------------------------------------------
     # Logging
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+    def log(self, logs: dict[str, float], *args: Any) -> None:
         """Training logs (those with ``loss``) get the mean CA-AT statistics of the window."""
         if "loss" in logs and self._window:
             logs = {**logs, **window_means(self._window)}
             self._window = []
-        super().log(logs, start_time)
+        super().log(logs, *args)  # start_time exists only in newer transformers
 
     # ------------------------------------------------------------------------------------
     # Evaluation

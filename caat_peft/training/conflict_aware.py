@@ -66,7 +66,10 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 def _grads(loss: Tensor, params: Sequence[nn.Parameter], retain_graph: bool) -> list[Tensor]:
     """∇θ loss over ``params`` only (zeros for parameters the loss does not reach), float32."""
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.float() for g, p in zip(grads, params)]
+    return [
+        torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
+        for g, p in zip(grads, params)
+    ]
 
 
 class ConflictAware:
@@ -121,8 +124,20 @@ class ConflictAware:
         if params is not None:
             by_id = {id(p): n for n, p in named}
             named = [(by_id.get(id(p), f"param{i}"), p) for i, p in enumerate(params)]
+            frozen = [n for n, p in named if not p.requires_grad]
+            if frozen:
+                raise ValueError(
+                    f"params holds frozen parameters ({', '.join(frozen[:3])}): "
+                    "pass only parameters with requires_grad=True"
+                )
         if not named:
             raise ValueError("no trainable parameters (nothing has requires_grad=True)")
+        devices = {p.device for _, p in named}
+        if len(devices) > 1:
+            raise ValueError(
+                f"θ spans several devices ({', '.join(sorted(map(str, devices)))}): the combiner "
+                "needs every trainable parameter on one device (no device_map='auto')"
+            )
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.combiner = combiner or make_combiner(
@@ -151,6 +166,11 @@ class ConflictAware:
         self._metrics: dict[str, Tensor] = {}
         self._count = 0
 
+    def _torch_scaler(self) -> bool:
+        """Whether an enabled torch GradScaler takes the step (a disabled one never skips)."""
+        scaler = self.grad_scaler
+        return scaler is not None and hasattr(scaler, "get_scale") and scaler.is_enabled()
+
     def _loss_scale(self) -> float:
         """The scale the losses are multiplied by before their backward passes (1: none)."""
         scaler = self.grad_scaler
@@ -174,8 +194,10 @@ class ConflictAware:
         """
         if loss_adv is None and not self.clean_only:
             raise ValueError("loss_adv is needed: the combiner uses the adversarial gradient")
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            self.model.require_backward_grad_sync = False  # a no_sync() exit may have reset it
         scaler = self.grad_scaler
-        if scaler is not None and hasattr(scaler, "get_scale") and scaler.is_enabled():
+        if self._torch_scaler():
             # A torch GradScaler makes its scale tensor on its first scale() call, and its
             # step() refuses to run without one.
             scaler.scale(loss_clean.detach())
@@ -275,7 +297,7 @@ class ConflictAware:
             stats["loss_scale"] = self._scale
 
     def _write(self, update: list[Tensor], finite: bool) -> None:
-        torch_scaler = self.grad_scaler is not None and hasattr(self.grad_scaler, "get_scale")
+        torch_scaler = self._torch_scaler()
         for p, g in zip(self.params, update):
             if not finite:
                 # None: the optimiser leaves p alone; NaN: a GradScaler sees the overflow

@@ -37,7 +37,10 @@ class StepResult:
 def grads_of(loss: Tensor, params: Sequence[nn.Parameter], retain_graph: bool = False):
     """∇θ loss over the trainable parameters only (zeros for parameters the loss does not use)."""
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.float() for g, p in zip(grads, params)]
+    return [
+        torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
+        for g, p in zip(grads, params)
+    ]
 
 
 def write_grads(params: Sequence[nn.Parameter], update: Sequence[Tensor]) -> None:

@@ -672,6 +672,7 @@ def _open_outputs(run: _Run, *, fresh: bool, overwrite: bool, metrics_offset: in
 def _loop(run: _Run, progress: bool) -> None:
     """Epochs of optimiser steps, each epoch ended by validation and the held-out curve."""
     tc, state = run.cfg.train, run.state
+    run.start = time.perf_counter()  # "seconds" count the loop and evaluations, not set-up
     bar = tqdm_bar(run.total_steps, state.step, progress and run.is_main)
     try:
         while state.epoch <= tc.epochs and not state.stopped_early:
