@@ -63,7 +63,9 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _grads(loss: Tensor, params: Sequence[nn.Parameter], retain_graph: bool) -> list[Tensor]:
+def grads_of(
+    loss: Tensor, params: Sequence[nn.Parameter], retain_graph: bool = False
+) -> list[Tensor]:
     """∇θ loss over ``params`` only (zeros for parameters the loss does not reach), float32."""
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
     return [
@@ -207,8 +209,8 @@ class ConflictAware:
         elif scale != self._scale:
             raise RuntimeError("the loss scale changed between micro-batches of one step")
         use_adv = loss_adv is not None and not self.clean_only
-        g_c = _grads(loss_clean * scale, self.params, retain_graph=use_adv)
-        g_a = _grads(loss_adv * scale, self.params, retain_graph=False) if use_adv else None
+        g_c = grads_of(loss_clean * scale, self.params, retain_graph=use_adv)
+        g_a = grads_of(loss_adv * scale, self.params, retain_graph=False) if use_adv else None
         values = {"loss_clean": loss_clean.detach().float()}
         if use_adv:
             values["loss_adv"] = loss_adv.detach().float()

@@ -16,9 +16,18 @@ from torch import Tensor, nn
 
 from caat_peft.gradients import Combiner
 from caat_peft.objectives import Objective
-from caat_peft.training.conflict_aware import ConflictAware, objective_losses
+from caat_peft.training.conflict_aware import ConflictAware, grads_of, objective_losses
 from caat_peft.training.distributed import Reducer
 from caat_peft.training.optim import LossScaler
+
+__all__ = [
+    "MicroBatch",
+    "StepResult",
+    "grads_of",
+    "micro_batch_gradients",
+    "training_step",
+    "write_grads",
+]
 
 
 @dataclass
@@ -32,15 +41,6 @@ class MicroBatch:
 class StepResult:
     stats: dict[str, Any] = field(default_factory=dict)
     skipped: bool = False
-
-
-def grads_of(loss: Tensor, params: Sequence[nn.Parameter], retain_graph: bool = False):
-    """∇θ loss over the trainable parameters only (zeros for parameters the loss does not use)."""
-    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-    return [
-        torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
-        for g, p in zip(grads, params)
-    ]
 
 
 def write_grads(params: Sequence[nn.Parameter], update: Sequence[Tensor]) -> None:
