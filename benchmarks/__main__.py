@@ -22,7 +22,7 @@ GOALS: dict[str, tuple[str, Any]] = {
     "caat_over_vanilla_step": ("≤ 1.02", lambda v: v <= 1.02),
     "caat_over_vanilla_update": ("≤ 1.05", lambda v: v <= 1.05),
     "attack_over_torchattacks": ("≥ 1.0", lambda v: v >= 1.0),
-    "fast_over_reference_step": ("≥ 2.0", lambda v: v >= 2.0),
+    "fast_over_reference_step": ("≥ 2.5 (224 px)", lambda v: v >= 2.5),
     "bf16_minus_fp32_robust_points": ("within ±1.5", lambda v: abs(v) <= 1.5),
     "peak_memory_caat_over_vanilla": ("≤ (vanilla + 2 grad buffers) × 1.05", None),
     "step_flops_utilisation": ("≥ 0.5 (ViT-Ti 224 px, batch 16)", lambda v: v >= 0.5),

@@ -7,7 +7,8 @@ a bf16 robust accuracy within 1.5 points of the fp32 one.
 
 A bf16 *attack* must not be a weaker attack, so each trained model is also attacked twice with
 the same PGD-20 and the same random start, once in float32 and once under bf16 autocast
-(``robust_acc_under_bf16_attack``): a weaker bf16 attack would show as a higher accuracy.
+(``robust_acc_under_bf16_attack``, the attack under the fast path's own context: autocast,
+attention in bf16, LoRA merged): a weaker bf16 attack would show as a higher accuracy.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ from benchmarks.bench_common import load1, median
 from caat_peft.attacks import pgd
 from caat_peft.demo import ATTACK, EVAL, stage1_checkpoint, stage2_config
 from caat_peft.models import preprocessing_for_config
+from caat_peft.training.fastpath import autocast_for, lora_merged
+
+
+@contextlib.contextmanager
+def _fast_attack_region(model: nn.Module):
+    """What the fast path's training attack runs under: bf16 autocast with attention in bf16,
+    LoRA merged into the base weights."""
+    with autocast_for("bf16", torch.device("cpu"), model), lora_merged(model):
+        yield
 
 
 @torch.no_grad()
@@ -37,8 +47,7 @@ def robust_accuracy(
     correct = total = 0
     for x, y in loader:
         start = (torch.rand(x.shape, generator=gen) * 2 - 1) * eps
-        region = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with region:
+        with _fast_attack_region(model) if bf16 else contextlib.nullcontext():
             x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, init_delta=start)
         correct += int((model(x_adv).argmax(1) == y).sum())
         total += len(y)

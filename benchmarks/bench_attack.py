@@ -3,7 +3,7 @@
 Both run PGD-10 L∞ (ε = 8/255, step 2/255, uniform random start) with the model in eval mode,
 in float32; the figure is images per second of ours over torchattacks'. Our PGD under bf16
 autocast is measured in the same rounds, through the product's fast path (``autocast_for`` and
-``prepare_model``), eager (``attack_bf16_over_fp32``) and compiled
+``prepare_model``; LoRA merged during the attack, attention in bf16), eager (``attack_bf16_over_fp32``) and compiled
 (``attack_bf16_compiled_over_fp32``; its compilation is timed apart).
 """
 
@@ -28,7 +28,7 @@ from benchmarks.bench_common import (
 )
 from benchmarks.bench_step import make_torchattacks_pgd
 from caat_peft.attacks import pgd
-from caat_peft.training.fastpath import autocast_for, prepare_model
+from caat_peft.training.fastpath import autocast_for, lora_merged, prepare_model
 
 
 def attack_throughput(
@@ -50,7 +50,7 @@ def attack_throughput(
         pgd(net, x, y, eps=EPS, alpha=ALPHA, steps=work.steps, init_delta=batch.init_delta)
 
     def ours_bf16(net: torch.nn.Module) -> None:
-        with autocast_for("bf16", x.device):
+        with autocast_for("bf16", x.device, net), lora_merged(net):
             ours(net)
 
     started = time.perf_counter()

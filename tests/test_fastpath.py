@@ -7,11 +7,18 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
-from caat_peft.config import ModelConfig, PeftConfig, load_config
+from caat_peft.config import AttackConfig, ModelConfig, PeftConfig, load_config
 from caat_peft.errors import UserError
 from caat_peft.models import build_classifier
+from caat_peft.objectives import build_objective
 from caat_peft.training import train
-from caat_peft.training.fastpath import autocast_for, check_can_compile, prepare_model
+from caat_peft.training.conflict_aware import objective_losses
+from caat_peft.training.fastpath import (
+    autocast_for,
+    check_can_compile,
+    lora_merged,
+    prepare_model,
+)
 
 from conftest import TINY_RECIPE
 
@@ -148,3 +155,127 @@ def test_without_the_cast_the_lora_matmul_sees_the_bf16_activation():
     # fc2's input (GELU of a bf16 matmul) stays bf16; qkv / fc1 follow a layer norm, which
     # autocast runs in float32 anyway.
     assert torch.bfloat16 in lora_input_dtypes(fast)
+
+
+# --- the attack's merged LoRA and the explicit attention path -------------------------------
+
+
+def _trained_lora(dropout: float = 0.0, **peft_kwargs) -> torch.nn.Module:
+    """A LoRA model whose B and head are non-zero (at init both are zero: no delta to merge,
+    no gradient through the head)."""
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(name="vit_tiny_patch16_224", kwargs=ARCH)
+    peft_cfg = PeftConfig(method="lora", r=4, dropout=dropout, **peft_kwargs)
+    model = build_classifier(model_cfg, peft_cfg, 5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or (p.requires_grad and "lora_" not in name):
+                p.normal_(0, 0.3)
+    return model
+
+
+def _base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+
+
+def test_merged_lora_computes_the_same_function_and_restores_the_weights_exactly():
+    model = _trained_lora().eval()
+    before = _base_weights(model)
+    x = torch.rand(4, 3, 16, 16, requires_grad=True)
+    logits = model(x)
+    (grad,) = torch.autograd.grad(logits.logsumexp(1).sum(), x)
+    with lora_merged(model):
+        inside = _base_weights(model)
+        assert any(not torch.equal(inside[n], before[n]) for n in before)  # really merged
+        merged_logits = model(x)
+        (merged_grad,) = torch.autograd.grad(merged_logits.logsumexp(1).sum(), x)
+    torch.testing.assert_close(merged_logits, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged_grad, grad, atol=1e-6, rtol=1e-4)
+    after = _base_weights(model)
+    assert all(torch.equal(after[n], before[n]) for n in before)  # bit for bit
+    assert not any(m.merged for m in _tuner_layers(model))
+    torch.testing.assert_close(model(x), logits, atol=0, rtol=0)
+
+
+def test_merged_lora_restores_the_weights_when_the_block_raises():
+    model = _trained_lora()
+    before = _base_weights(model)
+    with pytest.raises(RuntimeError, match="inside"), lora_merged(model):
+        raise RuntimeError("inside")
+    after = _base_weights(model)
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    assert not any(m.merged for m in _tuner_layers(model))
+
+
+def test_merged_lora_leaves_layers_with_active_dropout_alone():
+    model = _trained_lora(dropout=0.1)
+    before = _base_weights(model)
+    with lora_merged(model, dropout_active=True):
+        inside = _base_weights(model)
+    assert all(torch.equal(inside[n], before[n]) for n in before)
+    with lora_merged(model, dropout_active=False):  # eval-mode attack: dropout is identity
+        inside = _base_weights(model)
+    assert any(not torch.equal(inside[n], before[n]) for n in before)
+
+
+def test_inside_the_block_lora_is_a_constant_and_a_late_backward_fails_loudly():
+    model = _trained_lora()
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    with lora_merged(model):
+        loss = model(x).sum()
+        grads = torch.autograd.grad(loss, [x, *lora], allow_unused=True, retain_graph=True)
+    assert grads[0] is not None and all(g is None for g in grads[1:])
+    with pytest.raises(RuntimeError, match="inplace"):
+        torch.autograd.grad(loss, x)  # through the merged weights, restored since
+
+
+def test_the_fast_path_losses_leave_the_backbone_untouched_and_train_lora():
+    """objective_losses under bf16: the attack runs merged, the losses through peft's layers
+    (gradients reach every LoRA matrix), and the frozen weights are unchanged afterwards."""
+    model = _trained_lora().train()
+    before = _base_weights(model)
+    objective = build_objective("pgd-ce", AttackConfig(eps=8 / 255, alpha=2 / 255, steps=3))
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    loss_clean, loss_adv, _ = objective_losses(model, objective, x, y, precision="bf16")
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    grads = torch.autograd.grad(loss_clean + loss_adv, lora)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    after = _base_weights(model)
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    assert model.training  # the attack's eval mode was undone
+
+
+def test_the_fast_path_attack_matches_the_float32_attack_direction():
+    """The merged bf16 attack's first step direction agrees with float32 peft's on nearly every
+    pixel (sign steps differ only where the gradient is close to zero)."""
+    model = _trained_lora().eval()
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 5, (8,))
+    delta = torch.zeros_like(x, requires_grad=True)
+    (reference,) = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(model(x + delta), y), delta
+    )
+    with autocast_for("bf16", x.device, model), lora_merged(model):
+        loss = torch.nn.functional.cross_entropy(model(x + delta).float(), y)
+        (fast,) = torch.autograd.grad(loss, delta)
+    agree = (fast.sign() == reference.sign()).float().mean()
+    assert agree > 0.9, agree
+    cos = torch.nn.functional.cosine_similarity(fast.flatten(), reference.flatten(), dim=0)
+    assert cos > 0.99
+
+
+def test_cpu_low_precision_runs_timm_attention_explicitly_in_bf16_for_the_block():
+    """The math kernel would upcast bf16 attention to float32 on a CPU; timm's explicit path
+    runs its matmuls in bf16. Only for the block: evaluation keeps the fused kernel."""
+    model = _model("lora").eval()
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert attention and all(m.fused_attn for m in attention)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.profiler.profile() as prof, torch.no_grad(), autocast_for("bf16", x.device, model):
+        assert not any(m.fused_attn for m in attention)
+        model(x)
+    assert all(m.fused_attn for m in attention)
+    names = {e.name for e in prof.events()}
+    assert not any("scaled_dot_product" in n for n in names)
+    with autocast_for("fp32", x.device, model):
+        assert all(m.fused_attn for m in attention)

@@ -29,6 +29,7 @@ overflow as usual.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -39,7 +40,7 @@ from caat_peft.config import AttackConfig, ObjectiveConfig
 from caat_peft.gradients import Combiner, make_combiner, per_tensor_cosines
 from caat_peft.objectives import Objective, build_objective
 from caat_peft.training.distributed import Reducer, make_reducer, process_group_reducer
-from caat_peft.training.fastpath import autocast_for
+from caat_peft.training.fastpath import autocast_for, lora_merged
 
 
 class LossScale(Protocol):
@@ -327,6 +328,18 @@ def _objective(
     return build_objective(objective, attack or AttackConfig())
 
 
+def _attack_weights(
+    model: nn.Module, objective: Objective, precision: str
+) -> contextlib.AbstractContextManager:
+    """The fast path attacks with LoRA merged into one matrix per layer (the attack takes no
+    parameter gradient); float32 attacks through peft's own layers, as the authors' code."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    attack_cfg = getattr(objective, "attack_cfg", None)
+    in_eval_mode = bool(getattr(attack_cfg, "eval_mode", False))
+    return lora_merged(model, dropout_active=not in_eval_mode)
+
+
 def objective_losses(
     model: nn.Module,
     objective: Objective,
@@ -339,11 +352,12 @@ def objective_losses(
 ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
     """(L_clean, L_adv, accuracies) of one batch: the objective's attack (θ untouched), then
     both losses; L_adv is None and nothing is attacked for standard training."""
-    with autocast_for(precision, x.device):
+    with autocast_for(precision, x.device, model):
         if clean_only:
             loss_clean, logits = objective.clean_loss(model, x, y)
             return loss_clean, None, {"acc_clean": _accuracy(logits, y)}
-        x_adv = objective.attack(model, x, y, init_delta=init_delta)
+        with _attack_weights(model, objective, precision):
+            x_adv = objective.attack(model, x, y, init_delta=init_delta)
         losses = objective.losses(model, x, x_adv, y)
     accuracies = {
         "acc_clean": _accuracy(losses.logits_clean, y),
